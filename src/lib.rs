@@ -1,0 +1,11 @@
+//! coffer: an encrypted, replicated filesystem over objects.
+//!
+//! Layers, top to bottom (each testable without the ones above it):
+//! - [`fs`]: the FUSE adapter, a thin map from kernel requests to the vfs;
+//! - [`vfs`]: POSIX semantics over objects (inodes, handles, directories, rename);
+//! - [`cache`]: chunk cache, read-ahead, write staging and streaming upload;
+//! - [`crypt`]: the object format, envelopes and key providers;
+//! - [`store`]: the [`store::ObjectStore`] trait and its backends.
+
+pub mod store;
+pub mod crypt;

@@ -1,0 +1,168 @@
+//! Where an object key lives inside a replica directory.
+//!
+//! Each `/`-separated component of a key is a directory, so that a listing with a delimiter
+//! reads one directory and a prefix never needs a scan of the whole store. The versions of
+//! the object whose key ends at a component live in that component's `%v` directory:
+//!
+//! ```text
+//! objects/photos/2024/a.jpg/%v/<version>.m   metadata record (the commit point)
+//! objects/photos/2024/a.jpg/%v/<version>.d   data and its block checksums
+//! ```
+//!
+//! Components are escaped so that no key can name `%v`, `%n`, `.` or `..`: a component that is
+//! empty, or starts with `%` or `.`, gets a leading `%`. A component whose escaped form is
+//! longer than a file name may be (255 bytes) is stored under `%#` and a hash, with its real
+//! name in a `%n` file inside.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The directory holding the versions of an object.
+pub const VERSIONS_DIR: &str = "%v";
+/// The file holding the real name of a hashed (long) component.
+pub const NAME_FILE: &str = "%n";
+const HASHED_PREFIX: &str = "%#";
+const MAX_NAME: usize = 255;
+
+/// Escapes one key component into a file name.
+pub fn escape_component(c: &str) -> String {
+    let escaped = if c.is_empty() || c.starts_with('%') || c.starts_with('.') {
+        format!("%{c}")
+    } else {
+        c.to_string()
+    };
+    if escaped.len() > MAX_NAME {
+        format!("{HASHED_PREFIX}{}", blake3::hash(c.as_bytes()).to_hex())
+    } else {
+        escaped
+    }
+}
+
+/// Whether a file name is a hashed component whose real name is in its `%n` file.
+pub fn is_hashed(name: &str) -> bool {
+    name.starts_with(HASHED_PREFIX)
+}
+
+/// Inverse of [`escape_component`] for names that are not hashed; `None` for the store's own
+/// entries (`%v`, `%n`) and for names no key maps to.
+pub fn unescape_component(name: &str) -> Option<String> {
+    if name == VERSIONS_DIR || name == NAME_FILE || is_hashed(name) {
+        return None;
+    }
+    match name.strip_prefix('%') {
+        Some(rest) if rest.is_empty() || rest.starts_with('%') || rest.starts_with('.') => {
+            Some(rest.to_string())
+        }
+        Some(_) => None,
+        None if name.starts_with('.') => None,
+        None => Some(name.to_string()),
+    }
+}
+
+/// The real key component of the directory entry `name` inside `dir`.
+pub fn component_of(dir: &Path, name: &str) -> io::Result<Option<String>> {
+    if is_hashed(name) {
+        let real = fs::read_to_string(dir.join(name).join(NAME_FILE))?;
+        return Ok(Some(real));
+    }
+    Ok(unescape_component(name))
+}
+
+/// The directory of a key (below a replica's `objects/` directory), and the components that
+/// need a `%n` name file because they were hashed.
+pub fn key_dir(objects: &Path, key: &str) -> PathBuf {
+    let mut p = objects.to_path_buf();
+    for c in key.split('/') {
+        p.push(escape_component(c));
+    }
+    p
+}
+
+/// The directory that a listing of `prefix` reads, and the partial last component that
+/// entries must start with. `"a/b/"` reads `a/b` (every entry); `"a/b/c"` reads `a/b` and keeps
+/// entries starting with `c`.
+pub fn prefix_dir(objects: &Path, prefix: &str) -> (PathBuf, String, String) {
+    match prefix.rfind('/') {
+        Some(pos) => {
+            let dir_key = &prefix[..pos];
+            (
+                key_dir(objects, dir_key),
+                prefix[..=pos].to_string(),
+                prefix[pos + 1..].to_string(),
+            )
+        }
+        None => (objects.to_path_buf(), String::new(), prefix.to_string()),
+    }
+}
+
+/// Creates the directories of a key, writing `%n` files for hashed components and fsyncing
+/// each new directory's parent so that the new entries are durable.
+pub fn create_key_dirs(objects: &Path, key: &str) -> io::Result<PathBuf> {
+    let mut p = objects.to_path_buf();
+    for c in key.split('/') {
+        let name = escape_component(c);
+        let parent = p.clone();
+        p.push(&name);
+        match fs::create_dir(&p) {
+            Ok(()) => {
+                if is_hashed(&name) {
+                    super::durable::write_file_synced(&p.join(NAME_FILE), c.as_bytes())?;
+                    super::durable::sync_dir(&p)?;
+                }
+                super::durable::sync_dir(&parent)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let versions = p.join(VERSIONS_DIR);
+    match fs::create_dir(&versions) {
+        Ok(()) => super::durable::sync_dir(&p)?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    Ok(versions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_round_trips() {
+        for c in ["", ".", "..", "%v", "%n", "%", ".hidden", "plain", "a b", "é", "%#x"] {
+            let e = escape_component(c);
+            assert_ne!(e, VERSIONS_DIR);
+            assert_ne!(e, NAME_FILE);
+            assert_ne!(e, ".");
+            assert_ne!(e, "..");
+            assert_eq!(unescape_component(&e).as_deref(), Some(c), "{c:?} -> {e:?}");
+        }
+    }
+
+    #[test]
+    fn long_components_are_hashed() {
+        let long = "x".repeat(255);
+        assert_eq!(escape_component(&long), long);
+        let long_dot = format!(".{}", "x".repeat(254));
+        let e = escape_component(&long_dot);
+        assert!(is_hashed(&e));
+        assert!(e.len() <= 255);
+        assert_eq!(unescape_component(&e), None);
+    }
+
+    #[test]
+    fn prefix_dirs() {
+        let o = Path::new("/o");
+        assert_eq!(
+            prefix_dir(o, "a/b/"),
+            (PathBuf::from("/o/a/b"), "a/b/".into(), "".into())
+        );
+        assert_eq!(
+            prefix_dir(o, "a/b/c"),
+            (PathBuf::from("/o/a/b"), "a/b/".into(), "c".into())
+        );
+        assert_eq!(prefix_dir(o, "c"), (PathBuf::from("/o"), "".into(), "c".into()));
+    }
+}

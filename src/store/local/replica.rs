@@ -1,0 +1,194 @@
+//! One replica directory: its identity marker, and the per-key version files inside it.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::layout::{self, VERSIONS_DIR};
+use super::record::{self, MetaRecord};
+
+pub const MARKER_FILE: &str = "replica.json";
+/// Suffix of a version's metadata record (a live version).
+pub const META_SUFFIX: &str = ".m";
+/// Suffix of a delete marker's record.
+pub const DELETE_SUFFIX: &str = ".x";
+/// Suffix of a version's data file.
+pub const DATA_SUFFIX: &str = ".d";
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct ReplicaMarker {
+    pub store_id: String,
+    pub index: usize,
+}
+
+/// Why a replica could not serve a version.
+#[derive(Debug)]
+pub enum ReplicaError {
+    Missing,
+    Corrupt(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for ReplicaError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::NotFound {
+            ReplicaError::Missing
+        } else {
+            ReplicaError::Io(e)
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaError::Missing => f.write_str("missing"),
+            ReplicaError::Corrupt(d) => write!(f, "corrupt ({d})"),
+            ReplicaError::Io(e) => write!(f, "unreadable ({e})"),
+        }
+    }
+}
+
+/// A version as named in a `%v` directory.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VersionName {
+    pub id: String,
+    pub deleted: bool,
+}
+
+pub struct Replica {
+    pub index: usize,
+    pub root: PathBuf,
+    pub objects: PathBuf,
+    pub tmp: PathBuf,
+    /// False when the replica directory is missing or not this store's (a disk not mounted).
+    pub online: bool,
+}
+
+impl Replica {
+    pub fn new(index: usize, root: PathBuf) -> Replica {
+        Replica {
+            index,
+            objects: root.join("objects"),
+            tmp: root.join("tmp"),
+            root,
+            online: true,
+        }
+    }
+
+    /// Creates the replica's directories and identity marker.
+    pub fn init(&self, store_id: &str) -> io::Result<()> {
+        fs::create_dir_all(&self.root)?;
+        fs::create_dir_all(&self.objects)?;
+        fs::create_dir_all(&self.tmp)?;
+        let marker = ReplicaMarker {
+            store_id: store_id.to_string(),
+            index: self.index,
+        };
+        let path = self.root.join(MARKER_FILE);
+        let tmp = self.root.join(format!("{MARKER_FILE}.tmp"));
+        super::durable::remove_file_if_exists(&tmp)?;
+        super::durable::write_file_synced(&tmp, &serde_json::to_vec_pretty(&marker)?)?;
+        fs::rename(&tmp, &path)?;
+        super::durable::sync_dir(&self.root)?;
+        if let Some(parent) = self.root.parent() {
+            let _ = super::durable::sync_dir(parent);
+        }
+        Ok(())
+    }
+
+    /// Checks that the directory is this store's replica `index`.
+    pub fn check_marker(&self, store_id: &str) -> Result<(), String> {
+        let bytes = fs::read(self.root.join(MARKER_FILE))
+            .map_err(|e| format!("{}: {e}", self.root.join(MARKER_FILE).display()))?;
+        let marker: ReplicaMarker = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: {e}", self.root.join(MARKER_FILE).display()))?;
+        if marker.store_id != store_id || marker.index != self.index {
+            return Err(format!(
+                "{} belongs to store {} as replica {}, not to store {store_id} as replica {}",
+                self.root.display(),
+                marker.store_id,
+                marker.index,
+                self.index
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes leftovers of writes that never committed. Only safe while no put runs.
+    pub fn clean_tmp(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            fs::remove_file(entry.path())?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn versions_dir(&self, key: &str) -> PathBuf {
+        layout::key_dir(&self.objects, key).join(VERSIONS_DIR)
+    }
+
+    /// Every version of `key` on this replica, oldest first.
+    pub fn versions(&self, key: &str) -> io::Result<Vec<VersionName>> {
+        versions_in(&self.versions_dir(key))
+    }
+
+    pub fn record_path(&self, key: &str, v: &VersionName) -> PathBuf {
+        let suffix = if v.deleted {
+            DELETE_SUFFIX
+        } else {
+            META_SUFFIX
+        };
+        self.versions_dir(key).join(format!("{}{suffix}", v.id))
+    }
+
+    pub fn data_path(&self, key: &str, id: &str) -> PathBuf {
+        self.versions_dir(key).join(format!("{id}{DATA_SUFFIX}"))
+    }
+
+    /// Reads and verifies the record of a version.
+    pub fn read_record(&self, key: &str, v: &VersionName) -> Result<MetaRecord, ReplicaError> {
+        let file = File::open(self.record_path(key, v))?;
+        let rec = record::read_meta(&file)?.map_err(ReplicaError::Corrupt)?;
+        if rec.key != key || rec.deleted != v.deleted {
+            return Err(ReplicaError::Corrupt(format!(
+                "record names key {:?} (deleted: {}), expected {key:?}",
+                rec.key, rec.deleted
+            )));
+        }
+        Ok(rec)
+    }
+}
+
+/// The versions named in a `%v` directory, oldest first. A missing directory has none.
+pub fn versions_in(dir: &Path) -> io::Result<Vec<VersionName>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = name.strip_suffix(META_SUFFIX) {
+            out.push(VersionName {
+                id: id.to_string(),
+                deleted: false,
+            });
+        } else if let Some(id) = name.strip_suffix(DELETE_SUFFIX) {
+            out.push(VersionName {
+                id: id.to_string(),
+                deleted: true,
+            });
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,178 @@
+//! Scrub: read every replica of every version, verify it in full, report what is missing,
+//! corrupt or orphaned, and optionally restore full redundancy from good copies.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+
+use super::replica::{DATA_SUFFIX, ReplicaError, VersionName};
+use super::{LocalStore, durable, record};
+
+/// One problem found by a scrub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Damage {
+    /// A replica lacks a version the others have.
+    Missing { key: String, version: String, replica: usize },
+    /// A replica's copy fails verification.
+    Corrupt { key: String, version: String, replica: usize, detail: String },
+    /// No replica has a good copy: the version is lost.
+    Lost { key: String, version: String },
+    /// A data file with no record, or a leftover temporary file (from a crash).
+    Orphan { path: String },
+}
+
+#[derive(Debug, Default)]
+pub struct ScrubReport {
+    pub keys: u64,
+    pub versions: u64,
+    pub bytes_verified: u64,
+    pub damage: Vec<Damage>,
+    /// Damage entries that were repaired.
+    pub repaired: u64,
+}
+
+impl ScrubReport {
+    /// Whether damage is left after this scrub (everything found, less what was repaired).
+    pub fn damage_remaining(&self) -> bool {
+        self.damage.len() as u64 > self.repaired
+    }
+
+    pub fn summary(&self) -> String {
+        let count = |f: fn(&Damage) -> bool| self.damage.iter().filter(|d| f(d)).count();
+        format!(
+            "{} keys, {} versions, {} bytes verified; missing replicas: {}, corrupt replicas: {}, \
+             lost versions: {}, orphaned files: {}; repaired: {}",
+            self.keys,
+            self.versions,
+            self.bytes_verified,
+            count(|d| matches!(d, Damage::Missing { .. })),
+            count(|d| matches!(d, Damage::Corrupt { .. })),
+            count(|d| matches!(d, Damage::Lost { .. })),
+            count(|d| matches!(d, Damage::Orphan { .. })),
+            self.repaired
+        )
+    }
+}
+
+/// Scrubs the whole store. `progress(done, total)` is called after each key. Run it while
+/// nothing else writes to the store (the CLI takes the store's lock).
+pub fn scrub(
+    store: &LocalStore,
+    repair: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<ScrubReport> {
+    let inner = &store.inner;
+    let mut report = ScrubReport::default();
+
+    for r in inner.online() {
+        for entry in fs::read_dir(&r.tmp)? {
+            let path = entry?.path();
+            report.damage.push(Damage::Orphan {
+                path: path.display().to_string(),
+            });
+            if repair {
+                durable::remove_file_if_exists(&path)?;
+                report.repaired += 1;
+            }
+        }
+    }
+
+    let keys = inner
+        .walk_keys("", true)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let total = keys.len() as u64;
+    for (done, key) in keys.into_iter().enumerate() {
+        report.keys += 1;
+        scrub_key(store, &key, repair, &mut report)?;
+        progress(done as u64 + 1, total);
+    }
+    Ok(report)
+}
+
+fn scrub_key(store: &LocalStore, key: &str, repair: bool, report: &mut ScrubReport) -> io::Result<()> {
+    let inner = &store.inner;
+    let mut versions: BTreeMap<VersionName, Vec<(usize, Result<u64, ReplicaError>)>> =
+        BTreeMap::new();
+    for r in inner.online() {
+        let names = r.versions(key)?;
+        for v in &names {
+            let status = r.read_record(key, v).and_then(|rec| {
+                if v.deleted {
+                    return Ok(0);
+                }
+                let file = File::open(r.data_path(key, &v.id))?;
+                record::verify_full(&file, &rec)?.map_err(ReplicaError::Corrupt)?;
+                Ok(rec.size)
+            });
+            versions.entry(v.clone()).or_default().push((r.index, status));
+        }
+        // Data files whose record never landed (a put cut short by a crash).
+        let dir = r.versions_dir(key);
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries {
+                let name = entry?.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(DATA_SUFFIX)) else {
+                    continue;
+                };
+                if !names.iter().any(|v| v.id == id && !v.deleted) {
+                    let path = dir.join(&name);
+                    report.damage.push(Damage::Orphan {
+                        path: path.display().to_string(),
+                    });
+                    if repair {
+                        durable::remove_file_if_exists(&path)?;
+                        durable::sync_dir(&dir)?;
+                        report.repaired += 1;
+                    }
+                }
+            }
+        }
+    }
+    for (v, statuses) in versions {
+        report.versions += 1;
+        let mut good = None;
+        let mut bad = Vec::new();
+        for r in inner.online() {
+            match statuses.iter().find(|(i, _)| *i == r.index) {
+                None => {
+                    report.damage.push(Damage::Missing {
+                        key: key.to_string(),
+                        version: v.id.clone(),
+                        replica: r.index,
+                    });
+                    bad.push(r.index);
+                }
+                Some((_, Ok(size))) => {
+                    report.bytes_verified += size;
+                    good.get_or_insert(r.index);
+                }
+                Some((_, Err(e))) => {
+                    let detail = e.to_string();
+                    tracing::warn!("scrub: {key} version {} on replica {}: {detail}", v.id, r.index);
+                    report.damage.push(Damage::Corrupt {
+                        key: key.to_string(),
+                        version: v.id.clone(),
+                        replica: r.index,
+                        detail,
+                    });
+                    bad.push(r.index);
+                }
+            }
+        }
+        match good {
+            None => {
+                tracing::error!("scrub: {key} version {} has no good replica", v.id);
+                report.damage.push(Damage::Lost {
+                    key: key.to_string(),
+                    version: v.id.clone(),
+                });
+            }
+            Some(g) if repair && !bad.is_empty() => {
+                store.repair_version(key, &v, g, &bad)?;
+                report.repaired += bad.len() as u64;
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}

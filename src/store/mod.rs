@@ -1,0 +1,353 @@
+//! The object store layer: the [`ObjectStore`] trait every backend implements, its request
+//! and response types, and the backends themselves.
+//!
+//! The trait is shaped after S3 (the most constrained backend) so that every layer above can
+//! be tested against the in-memory store, the fault-injecting wrapper, the local replica store
+//! and S3 alike: whole and multipart puts, ranged gets, listings with a delimiter and
+//! pagination, server-side copy with metadata replace, and object versions.
+
+pub mod error;
+pub mod faulty;
+pub mod local;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use zeroize::Zeroizing;
+
+pub use error::{StoreError, StoreResult};
+
+/// User metadata of an object: lower-case names (without S3's `x-amz-meta-` prefix) to ASCII
+/// values. Backends keep the whole map under [`StoreLimits::max_metadata_bytes`].
+pub type Metadata = BTreeMap<String, String>;
+
+/// A customer-provided SSE-C key. Zeroized on drop and never printed.
+#[derive(Clone)]
+pub struct SseCustomerKey(Zeroizing<[u8; 32]>);
+
+impl SseCustomerKey {
+    pub fn new(key: [u8; 32]) -> Self {
+        SseCustomerKey(Zeroizing::new(key))
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SseCustomerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SseCustomerKey(<redacted>)")
+    }
+}
+
+/// Server-side encryption parameters of one request.
+#[derive(Clone, Debug, Default)]
+pub enum Sse {
+    #[default]
+    None,
+    /// SSE-S3: the server encrypts with a key it holds (`x-amz-server-side-encryption: AES256`).
+    S3,
+    /// SSE-KMS with an optional key id (`aws:kms`).
+    Kms { key_id: Option<String> },
+    /// SSE-C: the customer key travels with every request that touches the object body.
+    Customer(SseCustomerKey),
+}
+
+impl Sse {
+    pub fn is_none(&self) -> bool {
+        matches!(self, Sse::None)
+    }
+}
+
+/// A checksum of a request body that the backend verifies before accepting the write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checksum {
+    Crc32c(u32),
+}
+
+impl Checksum {
+    pub fn crc32c_of(data: &[u8]) -> Self {
+        Checksum::Crc32c(crc32c::crc32c(data))
+    }
+
+    pub fn verify(&self, data: &[u8]) -> bool {
+        match self {
+            Checksum::Crc32c(expected) => crc32c::crc32c(data) == *expected,
+        }
+    }
+}
+
+/// Options of a put (whole or multipart).
+#[derive(Clone, Debug, Default)]
+pub struct PutOptions {
+    pub metadata: Metadata,
+    pub sse: Sse,
+    /// Checksum of the whole body (single put) that the backend must verify.
+    pub checksum: Option<Checksum>,
+}
+
+/// Options of a get or head.
+#[derive(Clone, Debug, Default)]
+pub struct GetOptions {
+    pub sse: Sse,
+    /// Read this version instead of the latest one.
+    pub version_id: Option<String>,
+}
+
+/// Options of a server-side copy.
+#[derive(Clone, Debug, Default)]
+pub struct CopyOptions {
+    /// Replace the metadata of the copy (S3's `x-amz-metadata-directive: REPLACE`); `None`
+    /// keeps the source's.
+    pub metadata: Option<Metadata>,
+    /// SSE parameters of the source (for SSE-C, the copy-source key headers).
+    pub source_sse: Sse,
+    /// SSE parameters of the destination.
+    pub sse: Sse,
+    /// Copy this version of the source instead of the latest.
+    pub source_version_id: Option<String>,
+}
+
+/// What a backend knows about an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    /// Size of the stored body in bytes.
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: String,
+    pub version_id: Option<String>,
+    /// User metadata, where the backend returned it (always from head and get; from list only
+    /// where it is cheap).
+    pub metadata: Option<Metadata>,
+}
+
+/// A ranged or whole get.
+#[derive(Debug)]
+pub struct GetResult {
+    pub info: ObjectInfo,
+    /// The byte range of the object that `body` holds.
+    pub range: Range<u64>,
+    pub body: Bytes,
+}
+
+/// One listing request.
+#[derive(Clone, Debug, Default)]
+pub struct ListRequest {
+    pub prefix: String,
+    /// Group keys by this delimiter after the prefix (S3's `delimiter`, normally `/`).
+    pub delimiter: Option<char>,
+    /// Continue after this token (from [`ListPage::next`]).
+    pub continuation: Option<String>,
+    /// At most this many entries (objects plus prefixes); 0 means the backend's default.
+    pub max_keys: usize,
+}
+
+/// One page of a listing, in key order.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    pub common_prefixes: Vec<String>,
+    /// Token for the next page, if the listing was cut.
+    pub next: Option<String>,
+}
+
+/// One version of an object, or a delete marker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub key: String,
+    pub version_id: String,
+    pub is_latest: bool,
+    pub is_delete_marker: bool,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: String,
+}
+
+/// Limits of a backend that shape requests above it.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreLimits {
+    /// Smallest part of a multipart upload, except the last.
+    pub min_part_size: u64,
+    /// Largest part of a multipart upload.
+    pub max_part_size: u64,
+    /// Most parts in one multipart upload.
+    pub max_parts: u64,
+    /// Largest total size of user metadata (names and values).
+    pub max_metadata_bytes: usize,
+    /// Longest object key in bytes.
+    pub max_key_bytes: usize,
+}
+
+impl StoreLimits {
+    /// S3's limits: parts of 5 MiB to 5 GiB, 10,000 parts, 2 KB of metadata, 1,024-byte keys.
+    pub const S3: StoreLimits = StoreLimits {
+        min_part_size: 5 << 20,
+        max_part_size: 5 << 30,
+        max_parts: 10_000,
+        max_metadata_bytes: 2048,
+        max_key_bytes: 1024,
+    };
+}
+
+/// Size of a user metadata map as S3 counts it (names and values).
+pub fn metadata_size(metadata: &Metadata) -> usize {
+    metadata.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// A multipart (streaming) upload. Parts are written in order; memory stays bounded by the
+/// parts the caller holds. Nothing is visible under the key until [`Upload::complete`]
+/// returns, and a dropped or aborted upload leaves the previous object untouched.
+#[async_trait]
+pub trait Upload: Send {
+    /// Appends the next part. Every part but the last must be at least
+    /// [`StoreLimits::min_part_size`] bytes.
+    async fn put_part(&mut self, part: Bytes) -> StoreResult<()>;
+    /// Makes the object visible, durably, and returns what was stored.
+    async fn complete(self: Box<Self>) -> StoreResult<ObjectInfo>;
+    /// Drops everything uploaded so far.
+    async fn abort(self: Box<Self>) -> StoreResult<()>;
+}
+
+/// The backend interface. Implementations are cheap to share (`Arc<dyn ObjectStore>`).
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// A short description for logs ("local store /srv/coffer (3 replicas)").
+    fn describe(&self) -> String;
+
+    fn limits(&self) -> StoreLimits;
+
+    /// Stores a whole object, durably, replacing any previous one.
+    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<ObjectInfo>;
+
+    /// Starts a multipart upload; metadata and SSE parameters are fixed here, as S3's
+    /// CreateMultipartUpload fixes them.
+    async fn create_upload(&self, key: &str, opts: &PutOptions) -> StoreResult<Box<dyn Upload>>;
+
+    /// Reads `range` of an object (the whole object if `None`). A range past the end is cut
+    /// at the end of the object.
+    async fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        opts: &GetOptions,
+    ) -> StoreResult<GetResult>;
+
+    async fn head(&self, key: &str, opts: &GetOptions) -> StoreResult<ObjectInfo>;
+
+    async fn list(&self, req: &ListRequest) -> StoreResult<ListPage>;
+
+    /// Deletes an object. Deleting a missing key succeeds, as on S3. On a versioned store
+    /// this adds a delete marker and keeps the previous versions.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Server-side copy, optionally replacing the metadata. `src == dst` with new metadata
+    /// is how metadata-only updates are made.
+    async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo>;
+
+    /// Whether the backend keeps versions of overwritten and deleted objects.
+    async fn versioning_enabled(&self) -> StoreResult<bool>;
+
+    /// Versions and delete markers of every key under `prefix`, newest first per key.
+    async fn list_versions(&self, prefix: &str) -> StoreResult<Vec<VersionInfo>>;
+
+    /// Makes `version_id` the latest version of `key` again (a copy of that version onto the
+    /// key, as on S3), keeping every other version.
+    async fn restore_version(
+        &self,
+        key: &str,
+        version_id: &str,
+        sse: &Sse,
+    ) -> StoreResult<ObjectInfo> {
+        let opts = CopyOptions {
+            metadata: None,
+            source_sse: sse.clone(),
+            sse: sse.clone(),
+            source_version_id: Some(version_id.to_string()),
+        };
+        self.copy(key, key, &opts).await
+    }
+}
+
+/// Reads every page of a listing.
+pub async fn list_all(store: &dyn ObjectStore, mut req: ListRequest) -> StoreResult<ListPage> {
+    let mut all = ListPage::default();
+    loop {
+        let page = store.list(&req).await?;
+        all.objects.extend(page.objects);
+        all.common_prefixes.extend(page.common_prefixes);
+        match page.next {
+            Some(token) => req.continuation = Some(token),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// Splits an object range into the S3-style `start..end` it covers within `size`.
+pub fn clamp_range(range: Option<Range<u64>>, size: u64) -> Range<u64> {
+    match range {
+        None => 0..size,
+        Some(r) => r.start.min(size)..r.end.min(size).max(r.start.min(size)),
+    }
+}
+
+/// A listing page of keys only, before the backend fills in what it knows of each object.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    pub objects: Vec<String>,
+    pub common_prefixes: Vec<String>,
+    pub next: Option<String>,
+}
+
+/// Groups sorted keys into a listing page the way S3 does: keys with the delimiter after the
+/// prefix become common prefixes; `continuation` is the last key or prefix already returned.
+/// Used by the backends that list by scanning (memory, local).
+pub fn paginate_keys(
+    prefix: &str,
+    delimiter: Option<char>,
+    continuation: Option<&str>,
+    max_keys: usize,
+    sorted: impl Iterator<Item = String>,
+) -> KeyPage {
+    let mut page = KeyPage::default();
+    let mut count = 0usize;
+    let mut last_returned: Option<String> = None;
+    for key in sorted {
+        if !key.starts_with(prefix) {
+            continue;
+        }
+        let group = delimiter.and_then(|d| {
+            key[prefix.len()..]
+                .find(d)
+                .map(|pos| key[..prefix.len() + pos + d.len_utf8()].to_string())
+        });
+        let marker = group.clone().unwrap_or_else(|| key.clone());
+        if continuation.is_some_and(|after| marker.as_str() <= after)
+            || last_returned.as_deref() == Some(marker.as_str())
+        {
+            continue;
+        }
+        if count == max_keys {
+            page.next = last_returned;
+            return page;
+        }
+        count += 1;
+        match group {
+            Some(p) => page.common_prefixes.push(p),
+            None => page.objects.push(key),
+        }
+        last_returned = Some(marker);
+    }
+    page
+}
+
+/// The object keys of a listing page, in order.
+pub fn keys_of(page: &ListPage) -> Vec<String> {
+    page.objects.iter().map(|o| o.key.clone()).collect()
+}
