@@ -7,5 +7,11 @@
 //! - [`crypt`]: the object format, envelopes and key providers;
 //! - [`store`]: the [`store::ObjectStore`] trait and its backends.
 
-pub mod store;
+pub mod cache;
 pub mod crypt;
+pub mod error;
+pub mod fs;
+pub mod mount;
+pub mod store;
+pub mod vfs;
+pub mod volume;

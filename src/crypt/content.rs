@@ -51,7 +51,11 @@ pub fn random_file_id() -> [u8; FILE_ID_LEN] {
 }
 
 /// Derives (content key, commitment) from a data key, the file id and the header prefix.
-fn derive(dk: &DataKey, file_id: &[u8; FILE_ID_LEN], chunk_shift: u8) -> (Zeroizing<[u8; 32]>, [u8; 32]) {
+fn derive(
+    dk: &DataKey,
+    file_id: &[u8; FILE_ID_LEN],
+    chunk_shift: u8,
+) -> (Zeroizing<[u8; 32]>, [u8; 32]) {
     let hk = Hkdf::<Sha256>::new(Some(file_id), dk.bytes());
     let prefix = Header::prefix(chunk_shift);
     let mut content = Zeroizing::new([0u8; 32]);

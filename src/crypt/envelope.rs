@@ -45,7 +45,10 @@ impl Envelope {
 
     pub fn parse(b: &[u8]) -> Result<Envelope, CryptError> {
         if b.len() < 26 {
-            return Err(CryptError::BadEnvelope(format!("{} bytes is too short", b.len())));
+            return Err(CryptError::BadEnvelope(format!(
+                "{} bytes is too short",
+                b.len()
+            )));
         }
         if b[0] != ENVELOPE_VERSION {
             return Err(CryptError::BadEnvelope(format!("unknown version {}", b[0])));
@@ -64,7 +67,10 @@ impl Envelope {
 
     pub fn decode(s: &str) -> Result<Envelope, CryptError> {
         if s.len() > MAX_ENVELOPE {
-            return Err(CryptError::BadEnvelope(format!("{} characters is too long", s.len())));
+            return Err(CryptError::BadEnvelope(format!(
+                "{} characters is too long",
+                s.len()
+            )));
         }
         let b = URL_SAFE_NO_PAD
             .decode(s.trim())

@@ -14,11 +14,15 @@ pub enum CryptError {
     ChunkAuth(u64),
     #[error("bad key envelope: {0}")]
     BadEnvelope(String),
-    #[error("this object's data key is wrapped by root key {0}, which is not loaded: pass --key with that key file")]
+    #[error(
+        "this object's data key is wrapped by root key {0}, which is not loaded: pass --key with that key file"
+    )]
     MissingKey(String),
     #[error("root key {0} failed to unwrap the data key (wrong key or tampered envelope)")]
     UnwrapFailed(String),
-    #[error("this mount holds only the public key {0}: it can write new files but not read existing content")]
+    #[error(
+        "this mount holds only the public key {0}: it can write new files but not read existing content"
+    )]
     WriteOnly(String),
     #[error("{0}")]
     Key(String),

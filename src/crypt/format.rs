@@ -75,7 +75,9 @@ impl Header {
         }
         let shift = b[6];
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&shift) {
-            return Err(CryptError::BadHeader(format!("chunk size 2^{shift} out of range")));
+            return Err(CryptError::BadHeader(format!(
+                "chunk size 2^{shift} out of range"
+            )));
         }
         if b[7] != 0 {
             return Err(CryptError::BadHeader(format!("unknown flags {:#x}", b[7])));

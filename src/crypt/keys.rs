@@ -33,7 +33,8 @@ pub trait KeyProvider: Send + Sync {
     fn describe(&self) -> String;
     /// The root key ids this provider can unwrap with.
     fn key_ids(&self) -> Vec<String>;
-    async fn wrap(&self, dk: &DataKey, file_id: &[u8; FILE_ID_LEN]) -> Result<Envelope, CryptError>;
+    async fn wrap(&self, dk: &DataKey, file_id: &[u8; FILE_ID_LEN])
+    -> Result<Envelope, CryptError>;
     async fn unwrap(&self, env: &Envelope) -> Result<DataKey, CryptError>;
 }
 
@@ -59,7 +60,7 @@ impl RootKey {
     pub fn from_bytes(key: Zeroizing<[u8; 32]>) -> RootKey {
         let digest = Sha256::new()
             .chain_update(b"coffer key id v1")
-            .chain_update(&*key)
+            .chain_update(*key)
             .finalize();
         RootKey {
             id: digest[..8].try_into().unwrap(),
@@ -112,10 +113,16 @@ impl RootKey {
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
             .ok_or_else(|| err("empty".into()))?;
-        let b64 = line
-            .strip_prefix(KEY_FILE_TAG)
-            .ok_or_else(|| err(format!("not a coffer root key (expected a {KEY_FILE_TAG} line)")))?;
-        let raw = Zeroizing::new(STANDARD.decode(b64).map_err(|_| err("not valid base64".into()))?);
+        let b64 = line.strip_prefix(KEY_FILE_TAG).ok_or_else(|| {
+            err(format!(
+                "not a coffer root key (expected a {KEY_FILE_TAG} line)"
+            ))
+        })?;
+        let raw = Zeroizing::new(
+            STANDARD
+                .decode(b64)
+                .map_err(|_| err("not valid base64".into()))?,
+        );
         let key: [u8; 32] = raw
             .as_slice()
             .try_into()
@@ -157,14 +164,24 @@ impl KeyProvider for KeyRing {
         self.keys.iter().map(RootKey::id_hex).collect()
     }
 
-    async fn wrap(&self, dk: &DataKey, file_id: &[u8; FILE_ID_LEN]) -> Result<Envelope, CryptError> {
+    async fn wrap(
+        &self,
+        dk: &DataKey,
+        file_id: &[u8; FILE_ID_LEN],
+    ) -> Result<Envelope, CryptError> {
         let root = &self.keys[0];
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce).expect("the OS random source works");
         let aad = Envelope::wrap_aad(KIND_SYMMETRIC, &root.id, file_id);
         let ct = root
             .cipher()
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: dk.bytes(), aad: &aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: dk.bytes(),
+                    aad: &aad,
+                },
+            )
             .expect("wrapping 32 bytes cannot fail");
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&ct);
@@ -189,20 +206,26 @@ impl KeyProvider for KeyRing {
             .find(|k| k.id == env.key_id)
             .ok_or_else(|| CryptError::MissingKey(env.key_id_hex()))?;
         if env.wrapped.len() != 12 + 48 {
-            return Err(CryptError::BadEnvelope("wrapped key of the wrong length".into()));
+            return Err(CryptError::BadEnvelope(
+                "wrapped key of the wrong length".into(),
+            ));
         }
         let aad = Envelope::wrap_aad(KIND_SYMMETRIC, &env.key_id, &env.file_id);
         let pt = Zeroizing::new(
             root.cipher()
                 .decrypt(
                     Nonce::from_slice(&env.wrapped[..12]),
-                    Payload { msg: &env.wrapped[12..], aad: &aad },
+                    Payload {
+                        msg: &env.wrapped[12..],
+                        aad: &aad,
+                    },
                 )
                 .map_err(|_| CryptError::UnwrapFailed(env.key_id_hex()))?,
         );
-        let key: [u8; 32] = pt.as_slice().try_into().map_err(|_| {
-            CryptError::BadEnvelope("unwrapped key of the wrong length".into())
-        })?;
+        let key: [u8; 32] = pt
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptError::BadEnvelope("unwrapped key of the wrong length".into()))?;
         Ok(DataKey::from_bytes(key))
     }
 }
@@ -217,7 +240,10 @@ mod tests {
         let p = dir.path().join("k");
         let k = RootKey::generate();
         k.write_new(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let back = RootKey::read(&p).unwrap();
         assert_eq!(back.id(), k.id());
         assert!(k.write_new(&p).is_err(), "overwrote an existing key file");

@@ -205,7 +205,10 @@ pub async fn decrypt_all(
 }
 
 /// Convenience for tests and tools: a whole object body and its metadata for `plaintext`.
-pub async fn encrypt_all(crypt: &Crypt, plaintext: &[u8]) -> Result<(Vec<u8>, Metadata), CryptError> {
+pub async fn encrypt_all(
+    crypt: &Crypt,
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, Metadata), CryptError> {
     let (cipher, meta) = crypt.new_object().await?;
     let mut body = cipher.header().to_vec();
     body.extend_from_slice(&cipher.seal(0, plaintext, true));

@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{
-    CopyOptions, GetOptions, GetResult, ListPage, ListRequest, ObjectInfo, ObjectStore,
-    PutOptions, Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo,
+    CopyOptions, GetOptions, GetResult, ListPage, ListRequest, ObjectInfo, ObjectStore, PutOptions,
+    Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo,
 };
 
 /// The error an injected fault produces.
@@ -89,7 +89,8 @@ impl FaultyStore {
         let n = self.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let (delay, fail, kind) = {
             let plan = self.plan.lock();
-            let fail = plan.fail_calls.contains(&n) || plan.fail_every.is_some_and(|e| n % e == 0);
+            let fail = plan.fail_calls.contains(&n)
+                || plan.fail_every.is_some_and(|e| n.is_multiple_of(e));
             (plan.delay, fail, plan.kind.unwrap_or(FaultKind::Transient))
         };
         loop {
@@ -191,6 +192,10 @@ impl ObjectStore for FaultyStore {
 
     async fn versioning_enabled(&self) -> StoreResult<bool> {
         self.inner.versioning_enabled().await
+    }
+
+    async fn space(&self) -> Option<(u64, u64)> {
+        self.inner.space().await
     }
 
     async fn list_versions(&self, prefix: &str) -> StoreResult<Vec<VersionInfo>> {

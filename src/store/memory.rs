@@ -13,9 +13,9 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use super::{
-    CopyOptions, GetOptions, GetResult, ListPage, ListRequest, ObjectInfo, ObjectStore,
-    PutOptions, Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo, clamp_range,
-    metadata_size, paginate_keys,
+    CopyOptions, GetOptions, GetResult, ListPage, ListRequest, ObjectInfo, ObjectStore, PutOptions,
+    Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo, clamp_range, metadata_size,
+    paginate_keys,
 };
 
 #[derive(Clone)]
@@ -123,7 +123,10 @@ impl MemoryStore {
         if let Some(c) = &opts.checksum
             && !c.verify(&body)
         {
-            return Err(StoreError::corrupt(key, "checksum of the request body mismatch"));
+            return Err(StoreError::corrupt(
+                key,
+                "checksum of the request body mismatch",
+            ));
         }
         let v = Version {
             id: self.version_id(),
@@ -211,7 +214,11 @@ impl ObjectStore for MemoryStore {
             .iter()
             .filter(|(_, versions)| versions.last().is_some_and(|v| v.body.is_some()))
             .map(|(k, _)| k.clone());
-        let max_keys = if req.max_keys == 0 { 1000 } else { req.max_keys };
+        let max_keys = if req.max_keys == 0 {
+            1000
+        } else {
+            req.max_keys
+        };
         let page = paginate_keys(
             &req.prefix,
             req.delimiter,

@@ -257,6 +257,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Versions and delete markers of every key under `prefix`, newest first per key.
     async fn list_versions(&self, prefix: &str) -> StoreResult<Vec<VersionInfo>>;
 
+    /// Total and free bytes where the backend knows them (for statfs).
+    async fn space(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Makes `version_id` the latest version of `key` again (a copy of that version onto the
     /// key, as on S3), keeping every other version.
     async fn restore_version(

@@ -131,7 +131,9 @@ mod tests {
 
     #[test]
     fn escape_round_trips() {
-        for c in ["", ".", "..", "%v", "%n", "%", ".hidden", "plain", "a b", "é", "%#x"] {
+        for c in [
+            "", ".", "..", "%v", "%n", "%", ".hidden", "plain", "a b", "é", "%#x",
+        ] {
             let e = escape_component(c);
             assert_ne!(e, VERSIONS_DIR);
             assert_ne!(e, NAME_FILE);
@@ -163,6 +165,9 @@ mod tests {
             prefix_dir(o, "a/b/c"),
             (PathBuf::from("/o/a/b"), "a/b/".into(), "c".into())
         );
-        assert_eq!(prefix_dir(o, "c"), (PathBuf::from("/o"), "".into(), "c".into()));
+        assert_eq!(
+            prefix_dir(o, "c"),
+            (PathBuf::from("/o"), "".into(), "c".into())
+        );
     }
 }

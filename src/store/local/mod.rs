@@ -329,7 +329,9 @@ impl Inner {
         let id = self.next_version_id();
         let mut files = Vec::new();
         for r in self.online() {
-            let path = r.tmp.join(format!("{id}-{:08x}{DATA_SUFFIX}", random_u32()));
+            let path = r
+                .tmp
+                .join(format!("{id}-{:08x}{DATA_SUFFIX}", random_u32()));
             let f = self.injected(r.index).and_then(|()| {
                 OpenOptions::new()
                     .write(true)
@@ -466,12 +468,16 @@ impl Inner {
 
     /// The newest version of `key` that any online replica has (or `id` if given), with the
     /// replicas that have it.
-    fn resolve(&self, key: &str, id: Option<&str>) -> StoreResult<Option<(VersionName, Vec<usize>)>> {
+    fn resolve(
+        &self,
+        key: &str,
+        id: Option<&str>,
+    ) -> StoreResult<Option<(VersionName, Vec<usize>)>> {
         let mut per_replica = Vec::new();
         for r in self.online() {
-            let versions = r
-                .versions(key)
-                .map_err(|e| StoreError::io(key, format!("listing versions on replica {}", r.index), e))?;
+            let versions = r.versions(key).map_err(|e| {
+                StoreError::io(key, format!("listing versions on replica {}", r.index), e)
+            })?;
             per_replica.push((r.index, versions));
         }
         let target = match id {
@@ -516,7 +522,11 @@ impl Inner {
         for &i in &have {
             let r = &self.replicas[i];
             let result = r.read_record(key, &v).and_then(|rec| {
-                let out = if rec.deleted { None } else { Some(read(r, &v, &rec)?) };
+                let out = if rec.deleted {
+                    None
+                } else {
+                    Some(read(r, &v, &rec)?)
+                };
                 Ok((rec, out))
             });
             match result {
@@ -533,7 +543,10 @@ impl Inner {
                 .map(|(i, e)| format!("replica {i} {e}"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            tracing::error!("{key}: no replica holds a good copy of version {}: {detail}", v.id);
+            tracing::error!(
+                "{key}: no replica holds a good copy of version {}: {detail}",
+                v.id
+            );
             return Err(StoreError::corrupt(
                 key,
                 format!("no good replica of version {}: {detail}", v.id),
@@ -558,12 +571,11 @@ impl Inner {
         let inner = self.clone();
         let key = key.to_string();
         let v = v.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            match inner.repair(&key, &v, good, &bad) {
+        let handle =
+            tokio::task::spawn_blocking(move || match inner.repair(&key, &v, good, &bad) {
                 Ok(()) => warn!("{key}: repaired replicas {bad:?} from replica {good}"),
                 Err(e) => tracing::error!("{key}: repair of replicas {bad:?} failed: {e}"),
-            }
-        });
+            });
         let mut repairs = self.repairs.lock();
         repairs.retain(|h| !h.is_finished());
         repairs.push(handle);
@@ -579,14 +591,18 @@ impl Inner {
         if !v.deleted {
             let data = File::open(src.data_path(key, &v.id))?;
             if let Err(e) = record::verify_full(&data, &rec)? {
-                return Err(io::Error::other(format!("source replica {good} is corrupt: {e}")));
+                return Err(io::Error::other(format!(
+                    "source replica {good} is corrupt: {e}"
+                )));
             }
         }
         for &i in bad {
             let dst = &self.replicas[i];
             let dir = layout::create_key_dirs(&dst.objects, key)?;
             if !v.deleted {
-                let tmp = dst.tmp.join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
+                let tmp = dst
+                    .tmp
+                    .join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
                 {
                     let mut from = File::open(src.data_path(key, &v.id))?;
                     let mut to = OpenOptions::new()
@@ -740,17 +756,15 @@ impl Inner {
                 let slot = out.entry(format!("{base}{comp}")).or_default();
                 slot.0 |= has_versions;
                 if !slot.1 {
-                    slot.1 = subtree_has_live(&path).map_err(|e| StoreError::io(prefix, "listing", e))?;
+                    slot.1 = subtree_has_live(&path)
+                        .map_err(|e| StoreError::io(prefix, "listing", e))?;
                 }
             }
         }
         // Liveness of objects is decided across replicas (newest version anywhere).
         let mut result = BTreeMap::new();
         for (key, (has_versions, subtree)) in out {
-            let live = has_versions
-                && self
-                    .resolve(&key, None)?
-                    .is_some_and(|(v, _)| !v.deleted);
+            let live = has_versions && self.resolve(&key, None)?.is_some_and(|(v, _)| !v.deleted);
             if live || subtree {
                 result.insert(key, (live, subtree));
             }
@@ -762,6 +776,19 @@ impl Inner {
         let (rec, id, ()) = self.read_version(key, id, |_, _, _| Ok(()))?;
         Ok(info_of(&rec, &id))
     }
+}
+
+/// Total and available bytes of the filesystem holding `path`.
+fn statvfs(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
 }
 
 /// Rejects keys no backend should accept.
@@ -776,7 +803,9 @@ fn validate_key(key: &str) -> StoreResult<()> {
 fn subtree_has_live(dir: &Path) -> io::Result<bool> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
+        {
             return Ok(false);
         }
         Err(e) => return Err(e),
@@ -891,7 +920,10 @@ impl ObjectStore for LocalStore {
         if let Some(c) = &opts.checksum
             && !c.verify(&body)
         {
-            return Err(StoreError::corrupt(key, "the request body does not match its checksum"));
+            return Err(StoreError::corrupt(
+                key,
+                "the request body does not match its checksum",
+            ));
         }
         let inner = self.inner.clone();
         let key = key.to_string();
@@ -938,8 +970,8 @@ impl ObjectStore for LocalStore {
             inner.read_version(&k, id.as_deref(), |rep, v, rec| {
                 let r = clamp_range(range.clone(), rec.size);
                 let file = File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
-                let data = record::read_verified(&file, rec, r.clone())?
-                    .map_err(ReplicaError::Corrupt)?;
+                let data =
+                    record::read_verified(&file, rec, r.clone())?.map_err(ReplicaError::Corrupt)?;
                 Ok((r, data))
             })
         })
@@ -980,7 +1012,11 @@ impl ObjectStore for LocalStore {
                 &req.prefix,
                 req.delimiter,
                 req.continuation.as_deref(),
-                if req.max_keys == 0 { usize::MAX } else { req.max_keys },
+                if req.max_keys == 0 {
+                    usize::MAX
+                } else {
+                    req.max_keys
+                },
                 keys.into_iter(),
             );
             let mut objects = Vec::with_capacity(page.objects.len());
@@ -1070,7 +1106,9 @@ impl ObjectStore for LocalStore {
                             .iter()
                             .find(|g| g.data_path(&src, &id).exists())
                             .ok_or_else(|| io::Error::other("no replica has the source data"))?;
-                        let tmp = r.tmp.join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
+                        let tmp = r
+                            .tmp
+                            .join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
                         {
                             let mut from = File::open(good.data_path(&src, &id))?;
                             let mut to = File::create(&tmp)?;
@@ -1094,6 +1132,14 @@ impl ObjectStore for LocalStore {
         Ok(self.inner.versioning)
     }
 
+    /// The smallest replica bounds what can be stored.
+    async fn space(&self) -> Option<(u64, u64)> {
+        self.inner
+            .online()
+            .filter_map(|r| statvfs(&r.root))
+            .min_by_key(|(_, free)| *free)
+    }
+
     async fn list_versions(&self, prefix: &str) -> StoreResult<Vec<VersionInfo>> {
         let inner = self.inner.clone();
         let prefix = prefix.to_string();
@@ -1114,7 +1160,10 @@ impl ObjectStore for LocalStore {
                 }
                 for (i, (v, rec)) in all.into_iter().rev().enumerate() {
                     let Some(rec) = rec else {
-                        warn!("{key}: version {} has no readable record on any replica", v.id);
+                        warn!(
+                            "{key}: version {} has no readable record on any replica",
+                            v.id
+                        );
                         continue;
                     };
                     out.push(VersionInfo {

@@ -139,7 +139,11 @@ impl DataChecksummer {
         if self.cur_len > 0 {
             self.crcs.extend_from_slice(&self.cur_crc.to_le_bytes());
         }
-        (self.crcs, self.hasher.finalize().to_hex().to_string(), self.total)
+        (
+            self.crcs,
+            self.hasher.finalize().to_hex().to_string(),
+            self.total,
+        )
     }
 }
 

@@ -168,7 +168,9 @@ impl Replica {
 pub fn versions_in(dir: &Path) -> io::Result<Vec<VersionName>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
+        {
             return Ok(Vec::new());
         }
         Err(e) => return Err(e),

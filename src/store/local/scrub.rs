@@ -8,13 +8,25 @@ use std::io;
 use super::replica::{DATA_SUFFIX, ReplicaError, VersionName};
 use super::{LocalStore, durable, record};
 
+/// A replica's verdict on one version: verified bytes, or why it failed.
+type ReplicaStatus = (usize, Result<u64, ReplicaError>);
+
 /// One problem found by a scrub.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Damage {
     /// A replica lacks a version the others have.
-    Missing { key: String, version: String, replica: usize },
+    Missing {
+        key: String,
+        version: String,
+        replica: usize,
+    },
     /// A replica's copy fails verification.
-    Corrupt { key: String, version: String, replica: usize, detail: String },
+    Corrupt {
+        key: String,
+        version: String,
+        replica: usize,
+        detail: String,
+    },
     /// No replica has a good copy: the version is lost.
     Lost { key: String, version: String },
     /// A data file with no record, or a leftover temporary file (from a crash).
@@ -89,10 +101,14 @@ pub fn scrub(
     Ok(report)
 }
 
-fn scrub_key(store: &LocalStore, key: &str, repair: bool, report: &mut ScrubReport) -> io::Result<()> {
+fn scrub_key(
+    store: &LocalStore,
+    key: &str,
+    repair: bool,
+    report: &mut ScrubReport,
+) -> io::Result<()> {
     let inner = &store.inner;
-    let mut versions: BTreeMap<VersionName, Vec<(usize, Result<u64, ReplicaError>)>> =
-        BTreeMap::new();
+    let mut versions: BTreeMap<VersionName, Vec<ReplicaStatus>> = BTreeMap::new();
     for r in inner.online() {
         let names = r.versions(key)?;
         for v in &names {
@@ -104,7 +120,10 @@ fn scrub_key(store: &LocalStore, key: &str, repair: bool, report: &mut ScrubRepo
                 record::verify_full(&file, &rec)?.map_err(ReplicaError::Corrupt)?;
                 Ok(rec.size)
             });
-            versions.entry(v.clone()).or_default().push((r.index, status));
+            versions
+                .entry(v.clone())
+                .or_default()
+                .push((r.index, status));
         }
         // Data files whose record never landed (a put cut short by a crash).
         let dir = r.versions_dir(key);
@@ -148,7 +167,11 @@ fn scrub_key(store: &LocalStore, key: &str, repair: bool, report: &mut ScrubRepo
                 }
                 Some((_, Err(e))) => {
                     let detail = e.to_string();
-                    tracing::warn!("scrub: {key} version {} on replica {}: {detail}", v.id, r.index);
+                    tracing::warn!(
+                        "scrub: {key} version {} on replica {}: {detail}",
+                        v.id,
+                        r.index
+                    );
                     report.damage.push(Damage::Corrupt {
                         key: key.to_string(),
                         version: v.id.clone(),

@@ -1,0 +1,224 @@
+//! Streaming upload: plaintext appended to a file is sealed in chunks and sent to the store
+//! as multipart parts while it arrives. Memory is bounded: the unsealed tail (under one part)
+//! plus at most [`PARTS_IN_FLIGHT`] sealed parts queued for the store. A file that ends
+//! before its first part is full is stored with one single put instead, with the metadata
+//! known at the end.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::crypt::ObjectCipher;
+use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits, StoreResult};
+
+/// Sealed parts that may wait for the store while the writer seals the next one.
+pub const PARTS_IN_FLIGHT: usize = 2;
+/// Plaintext per part before growth.
+pub const BASE_PART: u64 = 8 << 20;
+/// Parts of each size before the size doubles (so 10,000 parts reach far beyond 1 TiB).
+const PARTS_PER_STEP: u64 = 1000;
+
+/// Plaintext bytes in part `n` (from 0): a whole number of chunks, at least the store's
+/// minimum part size, doubling every [`PARTS_PER_STEP`] parts, at most its maximum.
+pub fn part_plaintext(n: u64, chunk: u64, limits: &StoreLimits) -> u64 {
+    let grown = BASE_PART.saturating_mul(1 << (n / PARTS_PER_STEP).min(20));
+    let size = grown
+        .max(limits.min_part_size)
+        .min(limits.max_part_size - chunk);
+    (size / chunk).max(1) * chunk
+}
+
+pub struct StreamingWriter {
+    store: Arc<dyn ObjectStore>,
+    opts: PutOptions,
+    cipher: Arc<ObjectCipher>,
+    limits: StoreLimits,
+    key: String,
+    /// Plaintext not yet sealed.
+    pending: Vec<u8>,
+    next_chunk: u64,
+    parts_sent: u64,
+    header_sent: bool,
+    written: u64,
+    tx: Option<mpsc::Sender<Bytes>>,
+    uploader: Option<JoinHandle<StoreResult<ObjectInfo>>>,
+}
+
+impl StreamingWriter {
+    /// Prepares a write of `key`; nothing reaches the store before the first part is full.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        opts: PutOptions,
+        cipher: ObjectCipher,
+    ) -> StreamingWriter {
+        StreamingWriter {
+            limits: store.limits(),
+            store,
+            opts,
+            cipher: Arc::new(cipher),
+            key: key.to_string(),
+            pending: Vec::new(),
+            next_chunk: 0,
+            parts_sent: 0,
+            header_sent: false,
+            written: 0,
+            tx: None,
+            uploader: None,
+        }
+    }
+
+    /// Starts the multipart upload and the task that feeds it parts.
+    async fn start_upload(&mut self) -> StoreResult<()> {
+        let mut upload = self.store.create_upload(&self.key, &self.opts).await?;
+        let (tx, mut rx) = mpsc::channel::<Bytes>(PARTS_IN_FLIGHT);
+        self.uploader = Some(tokio::spawn(async move {
+            while let Some(part) = rx.recv().await {
+                if let Err(e) = upload.put_part(part).await {
+                    let _ = upload.abort().await;
+                    return Err(e);
+                }
+            }
+            upload.complete().await
+        }));
+        self.tx = Some(tx);
+        Ok(())
+    }
+
+    /// Plaintext bytes accepted so far (the file size).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn part_size(&self) -> usize {
+        part_plaintext(self.parts_sent, self.cipher.geometry().chunk, &self.limits) as usize
+    }
+
+    /// Appends plaintext. Seals and sends whole parts, always holding back at least one byte
+    /// so that the final chunk is sealed with the last-chunk flag by [`Self::finish`].
+    pub async fn append(&mut self, data: &[u8]) -> StoreResult<()> {
+        self.pending.extend_from_slice(data);
+        self.written += data.len() as u64;
+        while self.pending.len() > self.part_size() {
+            let rest = self.pending.split_off(self.part_size());
+            let part = std::mem::replace(&mut self.pending, rest);
+            self.send(part, false).await?;
+        }
+        Ok(())
+    }
+
+    async fn seal(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<Vec<u8>> {
+        let cipher = self.cipher.clone();
+        let first = self.next_chunk;
+        let chunk = cipher.geometry().chunk;
+        self.next_chunk += (plaintext.len() as u64).div_ceil(chunk).max(1);
+        let with_header = !self.header_sent;
+        self.header_sent = true;
+        let sealed = tokio::task::spawn_blocking(move || {
+            let body = cipher.seal(first, &plaintext, ends_file);
+            if with_header {
+                let mut out = Vec::with_capacity(cipher.header().len() + body.len());
+                out.extend_from_slice(cipher.header());
+                out.extend_from_slice(&body);
+                out
+            } else {
+                body
+            }
+        })
+        .await
+        .map_err(|e| StoreError::invalid(&self.key, format!("sealing task failed: {e}")))?;
+        self.parts_sent += 1;
+        Ok(sealed)
+    }
+
+    async fn send(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<()> {
+        let sealed = self.seal(plaintext, ends_file).await?;
+        if self.tx.is_none() {
+            self.start_upload().await?;
+        }
+        let tx = self.tx.as_ref().expect("upload started above");
+        if tx.send(Bytes::from(sealed)).await.is_err() {
+            // The uploader stopped: its result says why.
+            return Err(self
+                .join()
+                .await
+                .err()
+                .unwrap_or_else(|| StoreError::invalid(&self.key, "the upload ended early")));
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self) -> StoreResult<ObjectInfo> {
+        self.tx = None;
+        match self.uploader.take() {
+            Some(h) => h.await.unwrap_or_else(|e| {
+                Err(StoreError::invalid(
+                    &self.key,
+                    format!("upload task failed: {e}"),
+                ))
+            }),
+            None => Err(StoreError::invalid(&self.key, "the upload already ended")),
+        }
+    }
+
+    /// Seals the final chunk, completes the upload and returns the stored object. A file
+    /// that never filled a part is stored with one put, with `metadata` (when given) in
+    /// place of the metadata the writer was created with.
+    pub async fn finish(
+        mut self,
+        metadata: Option<crate::store::Metadata>,
+    ) -> StoreResult<ObjectInfo> {
+        let last = std::mem::take(&mut self.pending);
+        if self.tx.is_none() {
+            let body = self.seal(last, true).await?;
+            let mut opts = self.opts.clone();
+            if let Some(m) = metadata {
+                opts.metadata = m;
+            }
+            opts.checksum = Some(crate::store::Checksum::crc32c_of(&body));
+            return self.store.put(&self.key, Bytes::from(body), &opts).await;
+        }
+        self.send(last, true).await?;
+        self.join().await
+    }
+
+    /// The metadata the object is stored with if it goes out as a multipart upload.
+    pub fn metadata(&self) -> &crate::store::Metadata {
+        &self.opts.metadata
+    }
+
+    /// Whether parts have already gone to the store (the metadata is then fixed).
+    pub fn upload_started(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Drops the upload; the previous object (if any) stays.
+    pub async fn abort(mut self) {
+        self.tx = None;
+        if let Some(h) = self.uploader.take() {
+            h.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_fit_a_tebibyte_in_s3_limits() {
+        let chunk = 65536;
+        let l = StoreLimits::S3;
+        let mut total = 0u64;
+        for n in 0..l.max_parts {
+            let p = part_plaintext(n, chunk, &l);
+            assert_eq!(p % chunk, 0);
+            assert!(p + p / chunk * 16 >= l.min_part_size);
+            assert!(p + p / chunk * 16 + 56 <= l.max_part_size);
+            total += p;
+        }
+        assert!(total > 1 << 40, "10,000 parts hold only {total} bytes");
+    }
+}

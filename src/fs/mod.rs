@@ -1,0 +1,668 @@
+//! The FUSE adapter: maps each kernel request to a vfs call on the tokio runtime and sends
+//! the reply from there, so that no FUSE thread waits on the store.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tracing::debug;
+
+use crate::error::FsError;
+use crate::vfs::{Attr, Kind, SetAttr, Vfs};
+
+/// How long the kernel may cache attributes and entries. Every change goes through this
+/// mount (the local store is mounted by one process at a time), so a short TTL is only a
+/// bound on staleness for other mounts of a shared bucket.
+const TTL: Duration = Duration::from_secs(1);
+const BLOCK: u64 = 4096;
+
+pub struct CofferFs {
+    vfs: Arc<Vfs>,
+    rt: Handle,
+}
+
+impl CofferFs {
+    pub fn new(vfs: Arc<Vfs>, rt: Handle) -> Self {
+        CofferFs { vfs, rt }
+    }
+
+    fn spawn<F>(&self, f: impl FnOnce(Arc<Vfs>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.vfs.clone()));
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn name_str(name: &OsStr) -> Result<String, Errno> {
+    match std::str::from_utf8(name.as_bytes()) {
+        Ok(s) => Ok(s.to_string()),
+        Err(_) => {
+            debug!("refusing a name that is not UTF-8: {name:?}");
+            Err(Errno::EINVAL)
+        }
+    }
+}
+
+pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
+    let kind = match a.kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    };
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.size.div_ceil(BLOCK) * (BLOCK / 512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind,
+        perm: a.perm as u16,
+        nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 64 * 1024,
+        flags: 0,
+    }
+}
+
+fn time_of(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+impl Filesystem for CofferFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        for cap in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let vfs = self.vfs.clone();
+        if let Err(e) = self.rt.block_on(vfs.flush_everything()) {
+            tracing::error!("flushing at unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(|vfs| async move {
+            match vfs.lookup(parent.0, &name).await {
+                Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.vfs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn(|vfs| async move {
+            match vfs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(ino.0, &a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let s = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(time_of),
+            ctime,
+        };
+        self.spawn(|vfs| async move {
+            match vfs.setattr(ino.0, s).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(ino.0, &a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(|vfs| async move {
+            match vfs.readlink(ino.0).await {
+                Ok(t) => reply.data(t.as_bytes()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // Device nodes, fifos and sockets have no object form; regular files come by create.
+        reply.error(Errno::EPERM);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(|vfs| async move {
+            match vfs
+                .mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid)
+                .await
+            {
+                Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(|vfs| async move {
+            match vfs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(|vfs| async move {
+            match vfs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (name, target) = match (name_str(link_name), name_str(target.as_os_str())) {
+            (Ok(n), Ok(t)) => (n, t),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(|vfs| async move {
+            match vfs.symlink(parent.0, &name, &target, uid, gid).await {
+                Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = match (name_str(name), name_str(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return reply.error(Errno::EINVAL);
+        }
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.spawn(|vfs| async move {
+            match vfs
+                .rename(parent.0, &name, newparent.0, &newname, noreplace)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        // One object per file leaves no place for a second name (documented).
+        reply.error(Errno::EPERM);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        self.spawn(|vfs| async move {
+            match vfs.open(ino.0, truncate).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(|vfs| async move {
+            match vfs.read(ino.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(|vfs| async move {
+            match vfs.write(ino.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|vfs| async move {
+            match vfs.flush(ino.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|vfs| async move {
+            match vfs.release(ino.0, fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|vfs| async move {
+            match vfs.fsync(ino.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(|vfs| async move {
+            match vfs.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.vfs.dir_entries(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let parent = self.vfs.parent_of(ino.0);
+        let dots = [(ino.0, "."), (parent, "..")];
+        let mut idx = offset as usize;
+        while idx < entries.len() + 2 {
+            let full = if idx < 2 {
+                reply.add(
+                    INodeNo(dots[idx].0),
+                    (idx + 1) as u64,
+                    FileType::Directory,
+                    dots[idx].1,
+                )
+            } else {
+                let (cino, name, attr) = &entries[idx - 2];
+                reply.add(
+                    INodeNo(*cino),
+                    (idx + 1) as u64,
+                    file_attr(*cino, attr).kind,
+                    name,
+                )
+            };
+            if full {
+                break;
+            }
+            idx += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.vfs.dir_entries(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut idx = offset as usize;
+        // `.` and `..` are not looked up by the kernel: they carry no entry reference.
+        while idx < entries.len() + 2 {
+            let full = if idx < 2 {
+                let target = if idx == 0 {
+                    ino.0
+                } else {
+                    self.vfs.parent_of(ino.0)
+                };
+                let a = Attr::new(Kind::Dir, 0o755, 0, 0);
+                let mut fa = file_attr(target, &a);
+                fa.ino = INodeNo(target);
+                reply.add(
+                    INodeNo(target),
+                    (idx + 1) as u64,
+                    if idx == 0 { "." } else { ".." },
+                    &Duration::ZERO,
+                    &fa,
+                    Generation(0),
+                )
+            } else {
+                let (cino, name, attr) = &entries[idx - 2];
+                let full = reply.add(
+                    INodeNo(*cino),
+                    (idx + 1) as u64,
+                    name,
+                    &TTL,
+                    &file_attr(*cino, attr),
+                    Generation(0),
+                );
+                if !full {
+                    self.vfs.add_lookup(*cino);
+                }
+                full
+            };
+            if full {
+                break;
+            }
+            idx += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.vfs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Directory changes are durable when their operation returns.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(|vfs| async move {
+            let (total, free) = vfs.store().space().await.unwrap_or((1 << 50, 1 << 50));
+            let bs = BLOCK;
+            reply.statfs(
+                total / bs,
+                free / bs,
+                free / bs,
+                1 << 32,
+                1 << 32,
+                bs as u32,
+                255,
+                bs as u32,
+            );
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let value = value.to_vec();
+        self.spawn(|vfs| async move {
+            match vfs.setxattr(ino.0, &name, &value, flags).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
+        };
+        self.spawn(|vfs| async move {
+            match vfs.getxattr(ino.0, &name).await {
+                Ok(v) if size == 0 => reply.size(v.len() as u32),
+                Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+                Ok(v) => reply.data(&v),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(|vfs| async move {
+            match vfs.listxattr(ino.0).await {
+                Ok(names) => {
+                    let mut buf = Vec::new();
+                    for n in names {
+                        buf.extend_from_slice(n.as_bytes());
+                        buf.push(0);
+                    }
+                    if size == 0 {
+                        reply.size(buf.len() as u32)
+                    } else if buf.len() > size as usize {
+                        reply.error(Errno::ERANGE)
+                    } else {
+                        reply.data(&buf)
+                    }
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
+        };
+        self.spawn(|vfs| async move {
+            match vfs.removexattr(ino.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if mode & libc::S_IFMT != 0 && mode & libc::S_IFMT != libc::S_IFREG {
+            return reply.error(Errno::EPERM);
+        }
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(|vfs| async move {
+            match vfs
+                .create(parent.0, &name, mode & !umask & 0o7777, uid, gid)
+                .await
+            {
+                Ok((e, fh)) => reply.created(
+                    &TTL,
+                    &file_attr(e.ino, &e.attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+}

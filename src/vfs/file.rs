@@ -1,0 +1,400 @@
+//! The content of one regular file while the mount has it: clean (the committed object),
+//! streaming (a sequential write of new content, uploaded as it arrives) or staged (changed
+//! chunks kept sealed in a local staging file on top of the committed object).
+//!
+//! A sequential writer of a new or truncated file streams; anything else (a seek, a rewrite,
+//! an append to an existing file, a read of a file being streamed) first commits what was
+//! streamed, then stages. A commit of staged changes rewrites the object with a fresh data
+//! key, streaming it chunk by chunk, so memory stays bounded for any file size.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::cache::staging::{StagingFile, StagingKey};
+use crate::cache::upload::StreamingWriter;
+use crate::cache::{ChunkCache, CommittedObject};
+use crate::crypt::Crypt;
+use crate::error::{FsError, FsResult};
+use crate::store::{GetOptions, Metadata, ObjectInfo, ObjectStore, PutOptions, Sse};
+
+/// What a file operation needs from the mount.
+pub struct FileCtx<'a> {
+    pub store: &'a Arc<dyn ObjectStore>,
+    pub crypt: &'a Crypt,
+    pub cache: &'a ChunkCache,
+    pub staging_dir: &'a PathBuf,
+    pub staging_key: &'a StagingKey,
+    pub sse: &'a Sse,
+}
+
+enum Content {
+    /// The content is the committed object.
+    Clean,
+    Streaming(StreamingWriter),
+    Staged(Staged),
+}
+
+struct Staged {
+    /// Bytes of the committed object that are still the file's (a truncate cuts them).
+    base_valid: u64,
+    size: u64,
+    staging: Option<StagingFile>,
+}
+
+pub struct FileData {
+    content: Content,
+    /// The committed object, opened lazily for reads.
+    committed: Option<Arc<CommittedObject>>,
+    /// Size of the committed object's plaintext (0 if none).
+    committed_size: u64,
+    /// Whether the committed object exists in the store.
+    pub exists: bool,
+}
+
+impl FileData {
+    /// A file that exists in the store with `size` bytes.
+    pub fn existing(size: u64) -> FileData {
+        FileData {
+            content: Content::Clean,
+            committed: None,
+            committed_size: size,
+            exists: true,
+        }
+    }
+
+    /// A new, empty file not yet in the store.
+    pub fn new_empty() -> FileData {
+        FileData {
+            content: Content::Staged(Staged {
+                base_valid: 0,
+                size: 0,
+                staging: None,
+            }),
+            committed: None,
+            committed_size: 0,
+            exists: false,
+        }
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        !matches!(self.content, Content::Clean)
+    }
+
+    pub fn size(&self) -> u64 {
+        match &self.content {
+            Content::Clean => self.committed_size,
+            Content::Streaming(w) => w.written(),
+            Content::Staged(s) => s.size,
+        }
+    }
+
+    /// Forgets the committed object (after it was changed behind this state, e.g. renamed).
+    pub fn reset_committed(&mut self) {
+        self.committed = None;
+    }
+
+    async fn committed(&mut self, ctx: &FileCtx<'_>, key: &str) -> FsResult<Arc<CommittedObject>> {
+        if let Some(c) = &self.committed {
+            return Ok(c.clone());
+        }
+        let get = GetOptions {
+            sse: ctx.sse.clone(),
+            version_id: None,
+        };
+        let (obj, _) = CommittedObject::open(ctx.store.as_ref(), ctx.crypt, key, get).await?;
+        let obj = Arc::new(obj);
+        self.committed = Some(obj.clone());
+        Ok(obj)
+    }
+
+    pub async fn read(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        meta: impl FnOnce() -> Metadata,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<Vec<u8>> {
+        if matches!(self.content, Content::Streaming(_)) {
+            // Read-your-writes: make what was streamed readable first.
+            self.commit(ctx, key, meta()).await?;
+        }
+        let size = self.size();
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        match &self.content {
+            Content::Clean => {
+                let obj = self.committed(ctx, key).await?;
+                obj.read(ctx.store.as_ref(), ctx.cache, offset..end).await
+            }
+            Content::Staged(_) => {
+                let chunk = ctx.crypt.geometry().chunk;
+                let mut out = Vec::with_capacity((end - offset) as usize);
+                for i in offset / chunk..end.div_ceil(chunk) {
+                    let data = self.chunk_content(ctx, key, i).await?;
+                    let base = i * chunk;
+                    let from = offset.saturating_sub(base) as usize;
+                    let to = (end - base).min(chunk) as usize;
+                    out.extend_from_slice(&data[from..to]);
+                }
+                Ok(out)
+            }
+            Content::Streaming(_) => unreachable!("committed above"),
+        }
+    }
+
+    /// The current plaintext of chunk `i` of a staged file (zeros past the base's valid
+    /// bytes), as long as the file's size makes it.
+    async fn chunk_content(&mut self, ctx: &FileCtx<'_>, key: &str, i: u64) -> FsResult<Vec<u8>> {
+        let chunk = ctx.crypt.geometry().chunk;
+        let Content::Staged(s) = &self.content else {
+            unreachable!("chunk_content on a staged file only")
+        };
+        let want = s.size.saturating_sub(i * chunk).min(chunk) as usize;
+        let mut data = match &s.staging {
+            Some(st) if st.contains(i) => st.read_chunk(ctx.staging_key, i)?,
+            _ => {
+                let base_valid = s.base_valid;
+                let start = i * chunk;
+                if start < base_valid && self.exists {
+                    let obj = self.committed(ctx, key).await?;
+                    let mut d = obj
+                        .read(ctx.store.as_ref(), ctx.cache, start..start + chunk)
+                        .await?;
+                    d.truncate((base_valid - start) as usize);
+                    d
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        data.resize(want, 0);
+        Ok(data)
+    }
+
+    fn staged_mut(&mut self) -> &mut Staged {
+        match &mut self.content {
+            Content::Staged(s) => s,
+            _ => unreachable!("staged_mut on a staged file only"),
+        }
+    }
+
+    /// Turns a clean file into a staged one over its committed object.
+    fn stage(&mut self) {
+        if matches!(self.content, Content::Clean) {
+            self.content = Content::Staged(Staged {
+                base_valid: self.committed_size,
+                size: self.committed_size,
+                staging: None,
+            });
+        }
+    }
+
+    pub async fn write(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        meta: impl FnOnce() -> Metadata,
+        offset: u64,
+        data: &[u8],
+        allow_stream: bool,
+    ) -> FsResult<()> {
+        // A new or emptied file written from the start streams.
+        if let Content::Staged(s) = &self.content
+            && allow_stream
+            && s.size == 0
+            && offset == 0
+            && s.staging
+                .as_ref()
+                .is_none_or(|st| st.indices().next().is_none())
+        {
+            let (cipher, mut metadata) = ctx.crypt.new_object().await?;
+            metadata.extend(meta());
+            let opts = PutOptions {
+                metadata,
+                sse: ctx.sse.clone(),
+                checksum: None,
+            };
+            let w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher);
+            self.content = Content::Streaming(w);
+            if let Content::Streaming(w) = &mut self.content {
+                return w.append(data).await.map_err(FsError::from);
+            }
+        }
+        if let Content::Streaming(w) = &mut self.content {
+            if w.written() == offset {
+                return w.append(data).await.map_err(FsError::from);
+            }
+            // Not sequential: commit what was streamed, then stage on top of it. The
+            // metadata is only needed by the commit, never by the staged write.
+            self.commit(ctx, key, Metadata::new()).await?;
+        }
+        self.stage();
+        let chunk = ctx.crypt.geometry().chunk;
+        let end = offset + data.len() as u64;
+        {
+            let s = self.staged_mut();
+            if s.staging.is_none() {
+                s.staging = Some(StagingFile::create(ctx.staging_dir, chunk as usize)?);
+            }
+            s.size = s.size.max(end);
+        }
+        for i in offset / chunk..end.div_ceil(chunk) {
+            let mut content = self.chunk_content(ctx, key, i).await?;
+            let base = i * chunk;
+            let from = offset.max(base);
+            let to = end.min(base + chunk);
+            content[(from - base) as usize..(to - base) as usize]
+                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            let s = self.staged_mut();
+            s.staging
+                .as_mut()
+                .expect("created above")
+                .write_chunk(ctx.staging_key, i, &content)?;
+        }
+        Ok(())
+    }
+
+    pub async fn truncate(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        meta: impl FnOnce() -> Metadata,
+        new_size: u64,
+    ) -> FsResult<()> {
+        if new_size == self.size() {
+            return Ok(());
+        }
+        match std::mem::replace(&mut self.content, Content::Clean) {
+            Content::Streaming(w) if new_size == 0 => {
+                w.abort().await;
+                self.content = Content::Staged(Staged {
+                    base_valid: 0,
+                    size: 0,
+                    staging: None,
+                });
+                return Ok(());
+            }
+            Content::Streaming(w) => {
+                self.content = Content::Streaming(w);
+                self.commit(ctx, key, meta()).await?;
+            }
+            other => self.content = other,
+        }
+        self.stage();
+        let chunk = ctx.crypt.geometry().chunk;
+        // A partial last chunk keeps only the bytes below the new size.
+        let last = new_size / chunk;
+        let partial = !new_size.is_multiple_of(chunk);
+        let keep_last = if partial && new_size < self.size() {
+            let mut c = self.chunk_content(ctx, key, last).await?;
+            c.truncate((new_size % chunk) as usize);
+            Some(c)
+        } else {
+            None
+        };
+        let s = self.staged_mut();
+        s.base_valid = s.base_valid.min(new_size);
+        s.size = new_size;
+        if let Some(st) = s.staging.as_mut() {
+            st.drop_from(new_size.div_ceil(chunk));
+        }
+        if let Some(c) = keep_last {
+            if s.staging.is_none() {
+                s.staging = Some(StagingFile::create(ctx.staging_dir, chunk as usize)?);
+            }
+            s.staging
+                .as_mut()
+                .expect("created above")
+                .write_chunk(ctx.staging_key, last, &c)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the content durable in the store under `key` with `metadata` (attributes and
+    /// xattrs; the envelope is added here). A no-op for a clean file.
+    pub async fn commit(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        metadata: Metadata,
+    ) -> FsResult<Option<ObjectInfo>> {
+        let info = match std::mem::replace(&mut self.content, Content::Clean) {
+            Content::Clean => return Ok(None),
+            Content::Streaming(w) => {
+                let size = w.written();
+                // The envelope was made with the writer; the attributes are today's.
+                let mut final_meta = w.metadata().clone();
+                final_meta.extend(metadata);
+                let result = w.finish(Some(final_meta)).await;
+                match result {
+                    Ok(info) => {
+                        self.committed_size = size;
+                        info
+                    }
+                    Err(e) => {
+                        // The streamed bytes are gone with the failed upload; the file is
+                        // back to its committed state.
+                        self.committed = None;
+                        return Err(e.into());
+                    }
+                }
+            }
+            Content::Staged(s) => {
+                let size = s.size;
+                self.content = Content::Staged(s);
+                let info = self.rewrite(ctx, key, metadata).await?;
+                self.content = Content::Clean;
+                self.committed_size = size;
+                info
+            }
+        };
+        if let Some(old) = self.committed.take() {
+            ctx.cache.forget_object(old.cache_id);
+        }
+        self.exists = true;
+        Ok(Some(info))
+    }
+
+    /// Writes the staged file's whole content as a new object.
+    async fn rewrite(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        metadata: Metadata,
+    ) -> FsResult<ObjectInfo> {
+        let (cipher, mut meta) = ctx.crypt.new_object().await?;
+        meta.extend(metadata);
+        let opts = PutOptions {
+            metadata: meta,
+            sse: ctx.sse.clone(),
+            checksum: None,
+        };
+        let mut w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher);
+        let g = ctx.crypt.geometry();
+        let size = self.size();
+        for i in 0..size.div_ceil(g.chunk) {
+            match self.chunk_content(ctx, key, i).await {
+                Ok(data) => {
+                    if let Err(e) = w.append(&data).await {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => {
+                    w.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(w.finish(None).await?)
+    }
+
+    /// Drops uncommitted changes (the file was unlinked).
+    pub async fn discard(&mut self) {
+        if let Content::Streaming(w) = std::mem::replace(&mut self.content, Content::Clean) {
+            w.abort().await;
+        }
+    }
+}

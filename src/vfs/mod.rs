@@ -1,0 +1,1424 @@
+//! POSIX semantics over objects: inodes, handles, directories, rename and attributes.
+//!
+//! A file is one object whose key is the mount's prefix plus its path; a directory is a key
+//! prefix with a marker object (`path/`) that keeps it when empty and holds its attributes.
+//! The vfs keeps an inode per name it has seen; directory contents come from one listing
+//! (with sizes and metadata from the listing where the backend gives them) and are then kept
+//! up to date by the mount's own operations.
+//!
+//! Locking: the inode table is a short-held mutex never kept across an await; each regular
+//! file has an async mutex over its content; operations that need keys to stay put hold
+//! the namespace lock for reading, and renames take it for writing.
+
+pub mod attr;
+pub mod file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::{Mutex as AsyncMutex, RwLock};
+use tracing::{error, warn};
+
+use crate::cache::ChunkCache;
+use crate::cache::staging::StagingKey;
+use crate::crypt::Crypt;
+use crate::error::{FsError, FsResult};
+use crate::store::{
+    CopyOptions, GetOptions, ListRequest, Metadata, ObjectStore, PutOptions, Sse, StoreError,
+    list_all,
+};
+pub use attr::{Attr, Defaults, Kind};
+use file::{FileCtx, FileData};
+
+pub const ROOT: u64 = 1;
+const MAX_NAME: usize = 255;
+/// Largest value of one extended attribute.
+const MAX_XATTR_VALUE: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct VfsConfig {
+    /// Object key prefix of the mount ("" or ending in `/`).
+    pub prefix: String,
+    pub defaults: Defaults,
+    pub cache_bytes: usize,
+    pub staging_dir: PathBuf,
+    pub sse: Sse,
+    pub read_only: bool,
+    /// How often changed attributes are written back (they are also written on fsync,
+    /// rename and unmount).
+    pub meta_flush_interval: Duration,
+}
+
+/// Counters for `coffer stats` and the logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub files_committed: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+struct Inode {
+    parent: u64,
+    name: String,
+    attr: Attr,
+    /// Kernel references (lookup counts).
+    lookups: u64,
+    /// Directory entries, once listed.
+    children: Option<BTreeMap<String, u64>>,
+    /// Whether `attr` came from the store (a directory seen only as a prefix, or a file from
+    /// a listing without metadata, needs a head first).
+    attr_loaded: bool,
+    xattrs: BTreeMap<String, Vec<u8>>,
+    symlink: Option<String>,
+    file: Option<Arc<AsyncMutex<FileData>>>,
+    /// Attributes changed since they were last stored.
+    meta_dirty: bool,
+    open: u32,
+    /// Unlinked while open: its object key is deleted when the last handle closes.
+    pending_delete: Option<String>,
+    unlinked: bool,
+    load_lock: Arc<AsyncMutex<()>>,
+}
+
+impl Inode {
+    fn new(parent: u64, name: String, attr: Attr) -> Inode {
+        Inode {
+            parent,
+            name,
+            attr,
+            lookups: 0,
+            children: None,
+            attr_loaded: true,
+            xattrs: BTreeMap::new(),
+            symlink: None,
+            file: None,
+            meta_dirty: false,
+            open: 0,
+            pending_delete: None,
+            unlinked: false,
+            load_lock: Arc::new(AsyncMutex::new(())),
+        }
+    }
+}
+
+struct Table {
+    inodes: HashMap<u64, Inode>,
+    next_ino: u64,
+}
+
+impl Table {
+    fn get(&self, ino: u64) -> FsResult<&Inode> {
+        self.inodes
+            .get(&ino)
+            .ok_or_else(|| FsError::new(libc::ENOENT, format!("inode {ino} is gone")))
+    }
+
+    fn get_mut(&mut self, ino: u64) -> FsResult<&mut Inode> {
+        self.inodes
+            .get_mut(&ino)
+            .ok_or_else(|| FsError::new(libc::ENOENT, format!("inode {ino} is gone")))
+    }
+
+    /// Path of an inode below the mount root ("" for the root).
+    fn path(&self, ino: u64) -> FsResult<String> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let i = self.get(cur)?;
+            parts.push(i.name.as_str());
+            cur = i.parent;
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
+    }
+
+    fn insert(&mut self, parent: u64, name: &str, inode: Inode) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.inodes.insert(ino, inode);
+        if let Some(c) = self
+            .inodes
+            .get_mut(&parent)
+            .and_then(|p| p.children.as_mut())
+        {
+            c.insert(name.to_string(), ino);
+        }
+        ino
+    }
+
+    fn child(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
+        Ok(self
+            .get(parent)?
+            .children
+            .as_ref()
+            .and_then(|c| c.get(name).copied()))
+    }
+
+    /// Whether `ino` is `ancestor` or below it.
+    fn is_within(&self, mut ino: u64, ancestor: u64) -> bool {
+        loop {
+            if ino == ancestor {
+                return true;
+            }
+            if ino == ROOT {
+                return false;
+            }
+            match self.inodes.get(&ino) {
+                Some(i) => ino = i.parent,
+                None => return false,
+            }
+        }
+    }
+}
+
+/// One entry of a directory listing: inode, name and attributes.
+pub type DirEntry = (u64, String, Attr);
+
+/// A directory entry as the kernel sees it.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub ino: u64,
+    pub attr: Attr,
+}
+
+/// Changes requested by setattr.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+    pub ctime: Option<SystemTime>,
+}
+
+pub struct Vfs {
+    store: Arc<dyn ObjectStore>,
+    crypt: Crypt,
+    cache: ChunkCache,
+    staging_key: StagingKey,
+    cfg: VfsConfig,
+    table: Mutex<Table>,
+    namespace: RwLock<()>,
+    handles: Mutex<HashMap<u64, u64>>,
+    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    pub stats: Stats,
+}
+
+fn check_name(name: &str) -> FsResult<()> {
+    if name.len() > MAX_NAME {
+        return Err(FsError::new(
+            libc::ENAMETOOLONG,
+            format!("name of {} bytes", name.len()),
+        ));
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(FsError::new(libc::EINVAL, format!("invalid name {name:?}")));
+    }
+    Ok(())
+}
+
+/// Whether every entry of `current` is in `stored` with the same value.
+fn metadata_covers(stored: &Metadata, current: &Metadata) -> bool {
+    current.iter().all(|(k, v)| stored.get(k) == Some(v))
+}
+
+impl Vfs {
+    pub fn new(store: Arc<dyn ObjectStore>, crypt: Crypt, cfg: VfsConfig) -> Arc<Vfs> {
+        let d = cfg.defaults;
+        let mut root = Inode::new(
+            ROOT,
+            String::new(),
+            Attr::new(Kind::Dir, d.dir_perm, d.uid, d.gid),
+        );
+        root.lookups = 1;
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT, root);
+        Arc::new(Vfs {
+            cache: ChunkCache::new(cfg.cache_bytes),
+            store,
+            crypt,
+            staging_key: StagingKey::generate(),
+            cfg,
+            table: Mutex::new(Table {
+                inodes,
+                next_ino: ROOT + 1,
+            }),
+            namespace: RwLock::new(()),
+            handles: Mutex::new(HashMap::new()),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn ctx(&self) -> FileCtx<'_> {
+        FileCtx {
+            store: &self.store,
+            crypt: &self.crypt,
+            cache: &self.cache,
+            staging_dir: &self.cfg.staging_dir,
+            staging_key: &self.staging_key,
+            sse: &self.cfg.sse,
+        }
+    }
+
+    fn get_opts(&self) -> GetOptions {
+        GetOptions {
+            sse: self.cfg.sse.clone(),
+            version_id: None,
+        }
+    }
+
+    fn file_key(&self, path: &str) -> String {
+        format!("{}{path}", self.cfg.prefix)
+    }
+
+    fn dir_prefix(&self, path: &str) -> String {
+        if path.is_empty() {
+            self.cfg.prefix.clone()
+        } else {
+            format!("{}{path}/", self.cfg.prefix)
+        }
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            return Err(FsError::new(libc::EROFS, "mounted read-only"));
+        }
+        Ok(())
+    }
+
+    fn check_key_len(&self, key: &str) -> FsResult<()> {
+        if key.len() + 1 > self.store.limits().max_key_bytes {
+            return Err(FsError::new(
+                libc::ENAMETOOLONG,
+                format!(
+                    "object key of {} bytes is over the store's limit",
+                    key.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The metadata an inode is stored with: its attributes and xattrs.
+    fn metadata_of(inode: &Inode) -> Metadata {
+        let mut m = Metadata::new();
+        inode.attr.to_metadata(&mut m);
+        attr::xattrs_to_metadata(&inode.xattrs, &mut m);
+        m
+    }
+
+    // ---- directories -------------------------------------------------------------------
+
+    /// Lists a directory from the store, once.
+    async fn ensure_loaded(&self, dir: u64) -> FsResult<()> {
+        let (lock, path) = {
+            let t = self.table.lock();
+            let i = t.get(dir)?;
+            if i.attr.kind != Kind::Dir {
+                return Err(FsError::new(libc::ENOTDIR, "not a directory"));
+            }
+            if i.children.is_some() {
+                return Ok(());
+            }
+            (i.load_lock.clone(), t.path(dir)?)
+        };
+        let _guard = lock.lock().await;
+        if self.table.lock().get(dir)?.children.is_some() {
+            return Ok(());
+        }
+        let prefix = self.dir_prefix(&path);
+        let page = list_all(
+            self.store.as_ref(),
+            ListRequest {
+                prefix: prefix.clone(),
+                delimiter: Some('/'),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let g = self.crypt.geometry();
+        let d = self.cfg.defaults;
+        let mut entries: BTreeMap<String, Inode> = BTreeMap::new();
+        let mut own_marker = None;
+        for p in &page.common_prefixes {
+            let name = p[prefix.len()..].trim_end_matches('/');
+            if check_name(name).is_err() {
+                warn!("{p}: skipping a prefix whose name no file can have");
+                continue;
+            }
+            let mut inode = Inode::new(
+                dir,
+                name.to_string(),
+                Attr::new(Kind::Dir, d.dir_perm, d.uid, d.gid),
+            );
+            inode.attr_loaded = false;
+            entries.insert(name.to_string(), inode);
+        }
+        for o in page.objects {
+            let name = &o.key[prefix.len()..];
+            if name.is_empty() {
+                own_marker = Some(o);
+                continue;
+            }
+            if check_name(name).is_err() {
+                warn!("{}: skipping an object whose name no file can have", o.key);
+                continue;
+            }
+            if entries.contains_key(name) {
+                warn!("{}: hidden by a directory of the same name", o.key);
+                continue;
+            }
+            let mut attr = Attr::from_metadata(
+                Kind::File,
+                o.metadata.as_ref().unwrap_or(&Metadata::new()),
+                o.mtime,
+                &d,
+            );
+            attr.size = g.plain_size(o.size).unwrap_or_else(|e| {
+                warn!("{}: {e}; reads will fail", o.key);
+                0
+            });
+            let mut inode = Inode::new(dir, name.to_string(), attr);
+            if let Some(m) = &o.metadata {
+                inode.xattrs = attr::xattrs_from_metadata(m);
+            } else {
+                inode.attr_loaded = false;
+            }
+            inode.file = Some(Arc::new(AsyncMutex::new(FileData::existing(
+                inode.attr.size,
+            ))));
+            entries.insert(name.to_string(), inode);
+        }
+        let mut t = self.table.lock();
+        if let Some(m) = own_marker.and_then(|o| o.metadata.map(|m| (m, o.mtime)))
+            && let Ok(i) = t.get_mut(dir)
+            && !i.attr_loaded
+        {
+            i.attr = Attr::from_metadata(Kind::Dir, &m.0, m.1, &d);
+            i.xattrs = attr::xattrs_from_metadata(&m.0);
+            i.attr_loaded = true;
+        }
+        t.get_mut(dir)?.children = Some(BTreeMap::new());
+        for (name, inode) in entries {
+            t.insert(dir, &name, inode);
+        }
+        Ok(())
+    }
+
+    /// Loads the attributes of an inode seen only in a listing (a head of its object or
+    /// directory marker).
+    async fn ensure_attr(&self, ino: u64) -> FsResult<()> {
+        let (kind, key) = {
+            let t = self.table.lock();
+            let i = t.get(ino)?;
+            if i.attr_loaded {
+                return Ok(());
+            }
+            let path = t.path(ino)?;
+            let key = match i.attr.kind {
+                Kind::Dir => self.dir_prefix(&path),
+                _ => self.file_key(&path),
+            };
+            (i.attr.kind, key)
+        };
+        let d = self.cfg.defaults;
+        let head = self.store.head(&key, &self.get_opts()).await;
+        let (attr, xattrs) = match head {
+            Ok(info) => {
+                let m = info.metadata.clone().unwrap_or_default();
+                let mut a = Attr::from_metadata(kind, &m, info.mtime, &d);
+                if kind != Kind::Dir {
+                    a.size = self.crypt.geometry().plain_size(info.size).unwrap_or(0);
+                }
+                (a, attr::xattrs_from_metadata(&m))
+            }
+            Err(StoreError::NotFound { .. }) if kind == Kind::Dir => (
+                Attr::new(Kind::Dir, d.dir_perm, d.uid, d.gid),
+                BTreeMap::new(),
+            ),
+            Err(e) => return Err(e.into()),
+        };
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        if !i.attr_loaded {
+            i.attr = attr;
+            i.xattrs = xattrs;
+            i.attr_loaded = true;
+        }
+        Ok(())
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Entry> {
+        check_name(name)?;
+        self.ensure_loaded(parent).await?;
+        let ino = self
+            .table
+            .lock()
+            .child(parent, name)?
+            .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+        self.ensure_attr(ino).await?;
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        i.lookups += 1;
+        Ok(Entry {
+            ino,
+            attr: i.attr.clone(),
+        })
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut t = self.table.lock();
+        let Some(i) = t.inodes.get_mut(&ino) else {
+            return;
+        };
+        i.lookups = i.lookups.saturating_sub(n);
+        if i.lookups == 0 && i.unlinked && i.open == 0 && ino != ROOT {
+            t.inodes.remove(&ino);
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.ensure_attr(ino).await?;
+        Ok(self.table.lock().get(ino)?.attr.clone())
+    }
+
+    /// Entries of a directory, without `.` and `..`, with their attributes.
+    pub async fn readdir(&self, dir: u64) -> FsResult<Vec<DirEntry>> {
+        use futures::StreamExt;
+        self.ensure_loaded(dir).await?;
+        // Entries seen only in the listing (subdirectories, objects listed without
+        // metadata) need their attributes before readdirplus hands them to the kernel.
+        let unloaded: Vec<u64> = {
+            let t = self.table.lock();
+            let children = t.get(dir)?.children.clone().unwrap_or_default();
+            children
+                .values()
+                .filter(|ino| t.inodes.get(ino).is_some_and(|i| !i.attr_loaded))
+                .copied()
+                .collect()
+        };
+        let mut heads = futures::stream::iter(unloaded)
+            .map(|ino| async move { self.ensure_attr(ino).await })
+            .buffer_unordered(32);
+        while let Some(r) = heads.next().await {
+            r?;
+        }
+        let t = self.table.lock();
+        let children = t.get(dir)?.children.clone().unwrap_or_default();
+        Ok(children
+            .into_iter()
+            .filter_map(|(name, ino)| t.inodes.get(&ino).map(|i| (ino, name, i.attr.clone())))
+            .collect())
+    }
+
+    pub async fn opendir(&self, dir: u64) -> FsResult<u64> {
+        let entries = self.readdir(dir).await?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dir_handles.lock().insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// The snapshot of a directory taken at opendir (so offsets stay stable).
+    pub fn dir_entries(&self, fh: u64) -> Option<Arc<Vec<DirEntry>>> {
+        self.dir_handles.lock().get(&fh).cloned()
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dir_handles.lock().remove(&fh);
+    }
+
+    /// Counts a kernel reference made by readdirplus.
+    pub fn add_lookup(&self, ino: u64) {
+        if let Some(i) = self.table.lock().inodes.get_mut(&ino) {
+            i.lookups += 1;
+        }
+    }
+
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        self.table
+            .lock()
+            .inodes
+            .get(&ino)
+            .map_or(ROOT, |i| i.parent)
+    }
+
+    /// Reserves `name` in `parent` for a new inode, failing with EEXIST if taken.
+    fn reserve(&self, parent: u64, name: &str, inode: Inode) -> FsResult<(u64, String)> {
+        let mut t = self.table.lock();
+        if t.get(parent)?.unlinked {
+            return Err(FsError::new(libc::ENOENT, "directory was removed"));
+        }
+        if t.child(parent, name)?.is_some() {
+            return Err(FsError::new(libc::EEXIST, "file exists"));
+        }
+        let ino = t.insert(parent, name, inode);
+        t.get_mut(ino)?.lookups = 1;
+        let path = t.path(ino)?;
+        Ok((ino, path))
+    }
+
+    fn unreserve(&self, parent: u64, name: &str, ino: u64) {
+        let mut t = self.table.lock();
+        if let Some(c) = t.inodes.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            c.remove(name);
+        }
+        t.inodes.remove(&ino);
+    }
+
+    fn touch_dir(&self, dir: u64) {
+        if let Some(i) = self.table.lock().inodes.get_mut(&dir) {
+            let now = SystemTime::now();
+            i.attr.mtime = now;
+            i.attr.ctime = now;
+        }
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &str,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Entry> {
+        self.check_writable()?;
+        check_name(name)?;
+        self.ensure_loaded(parent).await?;
+        let _ns = self.namespace.read().await;
+        let attr = Attr::new(Kind::Dir, perm, uid, gid);
+        let mut inode = Inode::new(parent, name.to_string(), attr.clone());
+        inode.children = Some(BTreeMap::new());
+        let (ino, path) = self.reserve(parent, name, inode)?;
+        let key = self.dir_prefix(&path);
+        if let Err(e) = self.check_key_len(&key) {
+            self.unreserve(parent, name, ino);
+            return Err(e);
+        }
+        let mut meta = Metadata::new();
+        attr.to_metadata(&mut meta);
+        let opts = PutOptions {
+            metadata: meta,
+            sse: self.cfg.sse.clone(),
+            checksum: None,
+        };
+        if let Err(e) = self.store.put(&key, bytes::Bytes::new(), &opts).await {
+            self.unreserve(parent, name, ino);
+            return Err(e.into());
+        }
+        self.touch_dir(parent);
+        Ok(Entry { ino, attr })
+    }
+
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &str,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Entry, u64)> {
+        self.check_writable()?;
+        check_name(name)?;
+        self.ensure_loaded(parent).await?;
+        let attr = Attr::new(Kind::File, perm, uid, gid);
+        let mut inode = Inode::new(parent, name.to_string(), attr.clone());
+        inode.file = Some(Arc::new(AsyncMutex::new(FileData::new_empty())));
+        inode.open = 1;
+        let (ino, path) = self.reserve(parent, name, inode)?;
+        if let Err(e) = self.check_key_len(&self.file_key(&path)) {
+            self.unreserve(parent, name, ino);
+            return Err(e);
+        }
+        self.touch_dir(parent);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, ino);
+        Ok((Entry { ino, attr }, fh))
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Entry> {
+        self.check_writable()?;
+        check_name(name)?;
+        if target.is_empty() || target.len() > 4096 {
+            return Err(FsError::new(libc::ENAMETOOLONG, "symlink target length"));
+        }
+        self.ensure_loaded(parent).await?;
+        let _ns = self.namespace.read().await;
+        let mut attr = Attr::new(Kind::Symlink, 0o777, uid, gid);
+        attr.size = target.len() as u64;
+        let mut inode = Inode::new(parent, name.to_string(), attr.clone());
+        inode.symlink = Some(target.to_string());
+        let (ino, path) = self.reserve(parent, name, inode)?;
+        let key = self.file_key(&path);
+        let result = async {
+            self.check_key_len(&key)?;
+            let (body, mut meta) =
+                crate::crypt::encrypt_all(&self.crypt, target.as_bytes()).await?;
+            attr.to_metadata(&mut meta);
+            let opts = PutOptions {
+                checksum: Some(crate::store::Checksum::crc32c_of(&body)),
+                metadata: meta,
+                sse: self.cfg.sse.clone(),
+            };
+            self.store.put(&key, body.into(), &opts).await?;
+            Ok::<_, FsError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.unreserve(parent, name, ino);
+            return Err(e);
+        }
+        self.touch_dir(parent);
+        Ok(Entry { ino, attr })
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<String> {
+        let key = {
+            let t = self.table.lock();
+            let i = t.get(ino)?;
+            if i.attr.kind != Kind::Symlink {
+                return Err(FsError::new(libc::EINVAL, "not a symlink"));
+            }
+            if let Some(target) = &i.symlink {
+                return Ok(target.clone());
+            }
+            self.file_key(&t.path(ino)?)
+        };
+        let got = self.store.get(&key, None, &self.get_opts()).await?;
+        let meta = got.info.metadata.clone().unwrap_or_default();
+        let plain = crate::crypt::decrypt_all(&self.crypt, &meta, &got.body)
+            .await
+            .inspect_err(|e| error!("{key}: reading the symlink target: {e}"))?;
+        let target = String::from_utf8(plain)
+            .map_err(|_| FsError::new(libc::EIO, format!("{key}: symlink target is not UTF-8")))?;
+        if let Ok(i) = self.table.lock().get_mut(ino) {
+            i.symlink = Some(target.clone());
+        }
+        Ok(target)
+    }
+
+    /// Removes a name: files and symlinks (`dir == false`) or empty directories.
+    async fn remove(&self, parent: u64, name: &str, dir: bool) -> FsResult<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        self.ensure_loaded(parent).await?;
+        let ino = self
+            .table
+            .lock()
+            .child(parent, name)?
+            .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+        if dir {
+            self.ensure_loaded(ino).await?;
+        }
+        let _ns = self.namespace.read().await;
+        let (key, file) = {
+            let t = self.table.lock();
+            let i = t.get(ino)?;
+            match (dir, i.attr.kind == Kind::Dir) {
+                (true, false) => return Err(FsError::new(libc::ENOTDIR, "not a directory")),
+                (false, true) => return Err(FsError::new(libc::EISDIR, "is a directory")),
+                _ => {}
+            }
+            if dir && i.children.as_ref().is_some_and(|c| !c.is_empty()) {
+                return Err(FsError::new(libc::ENOTEMPTY, "directory not empty"));
+            }
+            let path = t.path(ino)?;
+            let key = if dir {
+                self.dir_prefix(&path)
+            } else {
+                self.file_key(&path)
+            };
+            (key, i.file.clone())
+        };
+        let exists = match &file {
+            Some(f) => {
+                let mut fd = f.lock().await;
+                let open = self.table.lock().get(ino)?.open;
+                if open > 0 {
+                    // Still open: readers and writers keep it; the object goes at release.
+                    if fd.is_dirty() && fd.exists {
+                        fd.commit(&self.ctx(), &key, Metadata::new()).await?;
+                    }
+                    let mut t = self.table.lock();
+                    let i = t.get_mut(ino)?;
+                    i.unlinked = true;
+                    i.pending_delete = fd.exists.then(|| key.clone());
+                    false
+                } else {
+                    fd.discard().await;
+                    fd.exists
+                }
+            }
+            None => true,
+        };
+        if exists {
+            self.store.delete(&key).await?;
+        }
+        let mut t = self.table.lock();
+        if let Some(c) = t.inodes.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            c.remove(name);
+        }
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.unlinked = true;
+            if i.lookups == 0 && i.open == 0 {
+                t.inodes.remove(&ino);
+            }
+        }
+        drop(t);
+        self.touch_dir(parent);
+        Ok(())
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.remove(parent, name, false).await
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.remove(parent, name, true).await
+    }
+
+    pub async fn open(&self, ino: u64, truncate: bool) -> FsResult<u64> {
+        let file = {
+            let mut t = self.table.lock();
+            let i = t.get_mut(ino)?;
+            match i.attr.kind {
+                Kind::Dir => return Err(FsError::new(libc::EISDIR, "is a directory")),
+                Kind::Symlink => return Err(FsError::new(libc::ELOOP, "is a symlink")),
+                Kind::File => {}
+            }
+            i.open += 1;
+            i.file.clone()
+        };
+        if truncate
+            && let Some(f) = file
+            && let Err(e) = self.truncate_file(ino, &f, 0).await
+        {
+            self.table.lock().get_mut(ino)?.open -= 1;
+            return Err(e);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, ino);
+        Ok(fh)
+    }
+
+    fn file_of(&self, ino: u64) -> FsResult<(Arc<AsyncMutex<FileData>>, String, Metadata, bool)> {
+        let t = self.table.lock();
+        let i = t.get(ino)?;
+        let f = i
+            .file
+            .clone()
+            .ok_or_else(|| FsError::new(libc::EISDIR, "not a regular file"))?;
+        let key = self.file_key(&t.path(ino).unwrap_or_default());
+        Ok((f, key, Self::metadata_of(i), i.unlinked))
+    }
+
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let _ns = self.namespace.read().await;
+        let (f, key, meta, _) = self.file_of(ino)?;
+        let mut fd = f.lock().await;
+        let data = fd
+            .read(&self.ctx(), &key, || meta, offset, size as u64)
+            .await
+            .inspect_err(|e| {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                error!("{key}: read at {offset}: {e}");
+            })?;
+        self.stats
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.check_writable()?;
+        let _ns = self.namespace.read().await;
+        let (f, key, meta, unlinked) = self.file_of(ino)?;
+        let mut fd = f.lock().await;
+        // An unlinked file must never stream to its old key: it stages instead.
+        fd.write(&self.ctx(), &key, || meta, offset, data, !unlinked)
+            .await
+            .inspect_err(|e| {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                error!("{key}: write at {offset}: {e}");
+            })?;
+        let size = fd.size();
+        drop(fd);
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        let now = SystemTime::now();
+        i.attr.size = size;
+        i.attr.mtime = now;
+        i.attr.ctime = now;
+        self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data.len() as u32)
+    }
+
+    async fn truncate_file(
+        &self,
+        ino: u64,
+        f: &Arc<AsyncMutex<FileData>>,
+        size: u64,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.read().await;
+        let (_, key, meta, _) = self.file_of(ino)?;
+        let mut fd = f.lock().await;
+        fd.truncate(&self.ctx(), &key, || meta, size).await?;
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        let now = SystemTime::now();
+        i.attr.size = size;
+        i.attr.mtime = now;
+        i.attr.ctime = now;
+        Ok(())
+    }
+
+    /// Commits a file's content (flush, fsync, release). Unlinked files are never written.
+    async fn commit(&self, ino: u64) -> FsResult<()> {
+        let _ns = self.namespace.read().await;
+        self.commit_locked(ino).await
+    }
+
+    /// [`Self::commit`] for a caller that holds the namespace lock.
+    async fn commit_locked(&self, ino: u64) -> FsResult<()> {
+        let (f, key, meta, unlinked) = self.file_of(ino)?;
+        if unlinked {
+            return Ok(());
+        }
+        let mut fd = f.lock().await;
+        if !fd.is_dirty() {
+            return Ok(());
+        }
+        match fd.commit(&self.ctx(), &key, meta.clone()).await {
+            Ok(Some(info)) => {
+                self.stats.files_committed.fetch_add(1, Ordering::Relaxed);
+                let stored = info.metadata.unwrap_or_default();
+                let mut t = self.table.lock();
+                if let Ok(i) = t.get_mut(ino) {
+                    i.attr.size = fd.size();
+                    // Attributes stored with the data are current unless they changed since
+                    // the upload began.
+                    let now_meta = Self::metadata_of(i);
+                    i.meta_dirty = !metadata_covers(&stored, &now_meta);
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                error!("{key}: committing the file failed: {e}");
+                if let Ok(i) = self.table.lock().get_mut(ino) {
+                    i.attr.size = fd.size();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn flush(&self, ino: u64) -> FsResult<()> {
+        self.commit(ino).await
+    }
+
+    pub async fn fsync(&self, ino: u64) -> FsResult<()> {
+        self.commit(ino).await?;
+        self.flush_metadata(ino).await
+    }
+
+    pub async fn release(&self, ino: u64, fh: u64) -> FsResult<()> {
+        self.handles.lock().remove(&fh);
+        let result = self.commit(ino).await;
+        let pending = {
+            let mut t = self.table.lock();
+            let Ok(i) = t.get_mut(ino) else { return result };
+            i.open = i.open.saturating_sub(1);
+            if i.open > 0 {
+                None
+            } else {
+                let p = i.pending_delete.take();
+                if i.unlinked && i.lookups == 0 {
+                    t.inodes.remove(&ino);
+                }
+                p
+            }
+        };
+        if let Some(key) = pending {
+            self.store.delete(&key).await?;
+        }
+        result
+    }
+
+    pub async fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.ensure_attr(ino).await?;
+        if s.perm.is_some()
+            || s.uid.is_some()
+            || s.gid.is_some()
+            || s.size.is_some()
+            || s.mtime.is_some()
+        {
+            self.check_writable()?;
+        }
+        if let Some(size) = s.size {
+            let (f, _, _, _) = self.file_of(ino)?;
+            self.truncate_file(ino, &f, size).await?;
+            // truncate(2) with no open handle must be durable like a close.
+            if self.table.lock().get(ino)?.open == 0 {
+                self.commit(ino).await?;
+            }
+        }
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        let before = i.attr.clone();
+        if let Some(p) = s.perm {
+            i.attr.perm = p & 0o7777;
+        }
+        if let Some(u) = s.uid {
+            i.attr.uid = u;
+        }
+        if let Some(g) = s.gid {
+            i.attr.gid = g;
+        }
+        if let Some(m) = s.mtime {
+            i.attr.mtime = m;
+        }
+        if i.attr != before || s.ctime.is_some() {
+            i.attr.ctime = s.ctime.unwrap_or_else(SystemTime::now);
+            i.meta_dirty = true;
+        }
+        Ok(i.attr.clone())
+    }
+
+    /// Writes an inode's changed attributes to the store (a metadata-only copy for files, a
+    /// new marker for directories). Files with uncommitted content carry them at commit.
+    async fn flush_metadata(&self, ino: u64) -> FsResult<()> {
+        let _ns = self.namespace.read().await;
+        self.flush_metadata_locked(ino).await
+    }
+
+    async fn flush_metadata_locked(&self, ino: u64) -> FsResult<()> {
+        let (kind, key, meta, file) = {
+            let mut t = self.table.lock();
+            let path = t.path(ino)?;
+            let i = t.get_mut(ino)?;
+            if !i.meta_dirty || i.unlinked || ino == ROOT {
+                return Ok(());
+            }
+            i.meta_dirty = false;
+            let key = match i.attr.kind {
+                Kind::Dir => self.dir_prefix(&path),
+                _ => self.file_key(&path),
+            };
+            (i.attr.kind, key, Self::metadata_of(i), i.file.clone())
+        };
+        let result = match kind {
+            Kind::Dir => {
+                let opts = PutOptions {
+                    metadata: meta,
+                    sse: self.cfg.sse.clone(),
+                    checksum: None,
+                };
+                self.store
+                    .put(&key, bytes::Bytes::new(), &opts)
+                    .await
+                    .map(|_| ())
+            }
+            _ => {
+                if let Some(f) = &file {
+                    let fd = f.lock().await;
+                    if fd.is_dirty() || !fd.exists {
+                        // The commit will store the attributes with the data.
+                        if let Ok(i) = self.table.lock().get_mut(ino) {
+                            i.meta_dirty = true;
+                        }
+                        return Ok(());
+                    }
+                }
+                self.copy_with_metadata(&key, &key, meta).await.map(|_| ())
+            }
+        };
+        if let Err(e) = &result {
+            error!("{key}: storing attributes failed: {e}");
+            if let Ok(i) = self.table.lock().get_mut(ino) {
+                i.meta_dirty = true;
+            }
+        }
+        result.map_err(FsError::from)
+    }
+
+    async fn copy_with_metadata(
+        &self,
+        src: &str,
+        dst: &str,
+        meta: Metadata,
+    ) -> Result<crate::store::ObjectInfo, StoreError> {
+        // The envelope rides along: a metadata replace must keep it.
+        let current = self.store.head(src, &self.get_opts()).await?;
+        let mut full = meta;
+        if let Some(env) = current
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get(crate::crypt::envelope::METADATA_KEY))
+        {
+            full.insert(crate::crypt::envelope::METADATA_KEY.into(), env.clone());
+        }
+        let opts = CopyOptions {
+            metadata: Some(full),
+            source_sse: self.cfg.sse.clone(),
+            sse: self.cfg.sse.clone(),
+            source_version_id: None,
+        };
+        self.store.copy(src, dst, &opts).await
+    }
+
+    /// Writes every pending attribute change (periodically, and at unmount).
+    pub async fn flush_all_metadata(&self) -> FsResult<()> {
+        let dirty: Vec<u64> = self
+            .table
+            .lock()
+            .inodes
+            .iter()
+            .filter(|(_, i)| i.meta_dirty)
+            .map(|(ino, _)| *ino)
+            .collect();
+        let mut first_err = None;
+        for ino in dirty {
+            if let Err(e) = self.flush_metadata(ino).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Commits every file with uncommitted content and every attribute change (unmount).
+    pub async fn flush_everything(&self) -> FsResult<()> {
+        let files: Vec<u64> = self
+            .table
+            .lock()
+            .inodes
+            .iter()
+            .filter(|(_, i)| i.file.is_some())
+            .map(|(ino, _)| *ino)
+            .collect();
+        let mut first_err = None;
+        for ino in files {
+            if let Err(e) = self.commit(ino).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.flush_all_metadata().await {
+            first_err.get_or_insert(e);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        check_name(newname)?;
+        self.ensure_loaded(parent).await?;
+        self.ensure_loaded(newparent).await?;
+        let _ns = self.namespace.write().await;
+        let (ino, target) = {
+            let t = self.table.lock();
+            let ino = t
+                .child(parent, name)?
+                .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+            (ino, t.child(newparent, newname)?)
+        };
+        if target == Some(ino) {
+            return Ok(());
+        }
+        let src_kind = self.table.lock().get(ino)?.attr.kind;
+        if src_kind == Kind::Dir && self.table.lock().is_within(newparent, ino) {
+            return Err(FsError::new(
+                libc::EINVAL,
+                "cannot move a directory into itself",
+            ));
+        }
+        if let Some(t_ino) = target {
+            if noreplace {
+                return Err(FsError::new(libc::EEXIST, "target exists"));
+            }
+            let t_kind = self.table.lock().get(t_ino)?.attr.kind;
+            match (src_kind == Kind::Dir, t_kind == Kind::Dir) {
+                (true, false) => {
+                    return Err(FsError::new(libc::ENOTDIR, "target is not a directory"));
+                }
+                (false, true) => return Err(FsError::new(libc::EISDIR, "target is a directory")),
+                (true, true) => {
+                    self.ensure_loaded(t_ino).await?;
+                    if self
+                        .table
+                        .lock()
+                        .get(t_ino)?
+                        .children
+                        .as_ref()
+                        .is_some_and(|c| !c.is_empty())
+                    {
+                        return Err(FsError::new(libc::ENOTEMPTY, "target directory not empty"));
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        let (old_path, new_path) = {
+            let t = self.table.lock();
+            let np = t.path(newparent)?;
+            let new_path = if np.is_empty() {
+                newname.to_string()
+            } else {
+                format!("{np}/{newname}")
+            };
+            (t.path(ino)?, new_path)
+        };
+        if src_kind == Kind::Dir {
+            self.check_key_len(&self.dir_prefix(&new_path))?;
+            self.rename_dir_objects(ino, &old_path, &new_path).await?;
+            if let Some(t_ino) = target {
+                self.store.delete(&self.dir_prefix(&new_path)).await.ok();
+                self.detach(newparent, newname, t_ino);
+            }
+            // The new marker was copied with the rest; attributes go with it.
+        } else {
+            let old_key = self.file_key(&old_path);
+            let new_key = self.file_key(&new_path);
+            self.check_key_len(&new_key)?;
+            self.commit_locked(ino).await?;
+            let (meta, file) = {
+                let t = self.table.lock();
+                let i = t.get(ino)?;
+                (Self::metadata_of(i), i.file.clone())
+            };
+            let exists = match &file {
+                Some(f) => f.lock().await.exists,
+                None => true,
+            };
+            if exists {
+                self.copy_with_metadata(&old_key, &new_key, meta).await?;
+                self.store.delete(&old_key).await?;
+                if let Some(f) = &file {
+                    f.lock().await.reset_committed();
+                }
+            }
+            if let Some(t_ino) = target {
+                self.detach(newparent, newname, t_ino);
+            }
+            if let Ok(i) = self.table.lock().get_mut(ino) {
+                i.meta_dirty = false;
+            }
+        }
+        let mut t = self.table.lock();
+        if let Some(c) = t.inodes.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            c.remove(name);
+        }
+        if let Some(c) = t
+            .inodes
+            .get_mut(&newparent)
+            .and_then(|p| p.children.as_mut())
+        {
+            c.insert(newname.to_string(), ino);
+        }
+        let i = t.get_mut(ino)?;
+        i.parent = newparent;
+        i.name = newname.to_string();
+        i.attr.ctime = SystemTime::now();
+        drop(t);
+        self.touch_dir(parent);
+        self.touch_dir(newparent);
+        Ok(())
+    }
+
+    /// Takes a replaced inode out of the namespace (its object was overwritten or removed).
+    fn detach(&self, parent: u64, name: &str, ino: u64) {
+        let mut t = self.table.lock();
+        if let Some(c) = t.inodes.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            c.remove(name);
+        }
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.unlinked = true;
+            i.pending_delete = None;
+            if i.lookups == 0 && i.open == 0 {
+                t.inodes.remove(&ino);
+            }
+        }
+    }
+
+    /// Moves every object below a directory to the new path: a server-side copy then a
+    /// delete per object. Not atomic: a crash part-way leaves both trees partly there, and
+    /// nothing is lost.
+    async fn rename_dir_objects(&self, ino: u64, old_path: &str, new_path: &str) -> FsResult<()> {
+        // Content still being written below the directory goes to the old keys first.
+        let files: Vec<u64> = {
+            let t = self.table.lock();
+            t.inodes
+                .iter()
+                .filter(|(i, n)| n.file.is_some() && t.is_within(**i, ino))
+                .map(|(i, _)| *i)
+                .collect()
+        };
+        for f in files {
+            self.commit_locked(f).await?;
+            self.flush_metadata_locked(f).await?;
+        }
+        self.flush_metadata_locked(ino).await?;
+        let old_prefix = self.dir_prefix(old_path);
+        let new_prefix = self.dir_prefix(new_path);
+        let all = list_all(
+            self.store.as_ref(),
+            ListRequest {
+                prefix: old_prefix.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut keys: Vec<String> = all.objects.into_iter().map(|o| o.key).collect();
+        if !keys.contains(&old_prefix) {
+            // An implicit directory: give the new one a marker with its attributes.
+            let meta = Self::metadata_of(self.table.lock().get(ino)?);
+            let opts = PutOptions {
+                metadata: meta,
+                sse: self.cfg.sse.clone(),
+                checksum: None,
+            };
+            self.store
+                .put(&new_prefix, bytes::Bytes::new(), &opts)
+                .await?;
+        }
+        keys.sort();
+        for key in &keys {
+            let dst = format!("{new_prefix}{}", &key[old_prefix.len()..]);
+            let opts = CopyOptions {
+                metadata: None,
+                source_sse: self.cfg.sse.clone(),
+                sse: self.cfg.sse.clone(),
+                source_version_id: None,
+            };
+            self.store.copy(key, &dst, &opts).await?;
+        }
+        for key in keys.iter().rev() {
+            self.store.delete(key).await?;
+        }
+        // Open files below now read from their new keys.
+        let files: Vec<Arc<AsyncMutex<FileData>>> = {
+            let t = self.table.lock();
+            t.inodes
+                .iter()
+                .filter(|(i, n)| n.file.is_some() && t.is_within(**i, ino))
+                .filter_map(|(_, n)| n.file.clone())
+                .collect()
+        };
+        for f in files {
+            f.lock().await.reset_committed();
+        }
+        Ok(())
+    }
+
+    // ---- extended attributes ------------------------------------------------------------
+
+    pub async fn getxattr(&self, ino: u64, name: &str) -> FsResult<Vec<u8>> {
+        self.ensure_attr(ino).await?;
+        let t = self.table.lock();
+        t.get(ino)?
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| FsError::new(libc::ENODATA, "no such attribute"))
+    }
+
+    pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<String>> {
+        self.ensure_attr(ino).await?;
+        Ok(self.table.lock().get(ino)?.xattrs.keys().cloned().collect())
+    }
+
+    pub async fn setxattr(&self, ino: u64, name: &str, value: &[u8], flags: i32) -> FsResult<()> {
+        self.check_writable()?;
+        if !name.starts_with("user.") {
+            return Err(FsError::new(
+                libc::EOPNOTSUPP,
+                "only user.* attributes are stored",
+            ));
+        }
+        if value.len() > MAX_XATTR_VALUE || name.len() > 255 {
+            return Err(FsError::new(libc::E2BIG, "attribute too large"));
+        }
+        self.ensure_attr(ino).await?;
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        let exists = i.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::new(libc::EEXIST, "attribute exists"));
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::new(libc::ENODATA, "no such attribute"));
+        }
+        let mut trial = i.xattrs.clone();
+        trial.insert(name.to_string(), value.to_vec());
+        let mut m = Metadata::new();
+        i.attr.to_metadata(&mut m);
+        attr::xattrs_to_metadata(&trial, &mut m);
+        // Room for the envelope too.
+        if crate::store::metadata_size(&m) + 200 > self.store.limits().max_metadata_bytes {
+            return Err(FsError::new(
+                libc::ENOSPC,
+                "no room left for extended attributes",
+            ));
+        }
+        i.xattrs = trial;
+        i.attr.ctime = SystemTime::now();
+        i.meta_dirty = true;
+        Ok(())
+    }
+
+    pub async fn removexattr(&self, ino: u64, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        self.ensure_attr(ino).await?;
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        if i.xattrs.remove(name).is_none() {
+            return Err(FsError::new(libc::ENODATA, "no such attribute"));
+        }
+        i.attr.ctime = SystemTime::now();
+        i.meta_dirty = true;
+        Ok(())
+    }
+
+    /// The path of an inode, for log messages.
+    pub fn describe(&self, ino: u64) -> String {
+        self.table
+            .lock()
+            .path(ino)
+            .map(|p| format!("/{p}"))
+            .unwrap_or_else(|_| format!("inode {ino}"))
+    }
+}
