@@ -143,10 +143,14 @@ pub fn run(
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_fusermount {
-        bail!("fusermount3 is not installed: install FUSE 3 (Debian and Ubuntu: apt-get install fuse3)");
+        bail!(
+            "fusermount3 is not installed: install FUSE 3 (Debian and Ubuntu: apt-get install fuse3)"
+        );
     }
     if !Path::new("/dev/fuse").exists() {
-        bail!("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available");
+        bail!(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available"
+        );
     }
     clear_stale_mount(&opts.mountpoint);
     let meta = std::fs::metadata(&opts.mountpoint)

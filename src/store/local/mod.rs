@@ -644,13 +644,8 @@ impl Inner {
             self.write_record(r, &dir, &v, &bytes)
         });
         let errors = failures(results, replicas.iter().map(|r| r.index));
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            // The previous version stays the latest wherever the marker did not land; a
-            // retry of the delete finishes the job.
-            Err(worst(key, errors))
-        }
+        // A marker that did not land everywhere is taken back everywhere, like a put.
+        self.finish_commit(key, &v, errors, &[])
     }
 
     /// Removes every version of `key` but the newest `keep` ones (and, with `older_than`,

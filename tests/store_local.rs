@@ -1,0 +1,481 @@
+//! The local N-replica store: conformance, repair on read, corruption, crash safety, a full
+//! disk, versions and scrub.
+
+mod common;
+#[path = "common/store_suite.rs"]
+mod store_suite;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use coffer::store::local::scrub::{self, Damage};
+use coffer::store::local::{LocalStore, LocalStoreConfig};
+use coffer::store::memory::MemoryStore;
+use coffer::store::{GetOptions, ObjectStore, PutOptions, StoreError};
+
+/// Log lines of this test binary, for the checks that warnings name objects and replicas.
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    let buffer = LOGS.get_or_init(|| Mutex::new(Vec::new()));
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        struct W;
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                logs().lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .with_writer(|| W)
+            .with_ansi(false)
+            .init();
+    });
+    buffer
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
+}
+
+fn new_store(dir: &Path, n: usize, versioning: bool) -> (LocalStore, LocalStoreConfig) {
+    let cfg = LocalStoreConfig {
+        store_id: "test".into(),
+        replicas: (0..n).map(|i| dir.join(format!("r{i}"))).collect(),
+        versioning,
+    };
+    LocalStore::init(&cfg).unwrap();
+    (LocalStore::open(&cfg).unwrap(), cfg)
+}
+
+fn version_files(root: &Path, key: &str, ext: &str) -> Vec<PathBuf> {
+    let dir = root.join("objects").join(key).join("%v");
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    store_suite::run_all(Arc::new(MemoryStore::new(true)), "").await;
+    store_suite::run_all(Arc::new(MemoryStore::new(false)), "p/").await;
+}
+
+#[tokio::test]
+async fn local_store_conforms() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = new_store(d.path(), 3, true);
+    store_suite::run_all(Arc::new(s), "").await;
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = new_store(d.path(), 1, false);
+    store_suite::run_all(Arc::new(s), "x/").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repair_on_read_fixes_a_missing_and_a_corrupt_replica() {
+    logs();
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, true);
+    let data: Vec<u8> = (0..500_000u32).map(|i| (i % 253) as u8).collect();
+    s.put(
+        "repairme",
+        Bytes::from(data.clone()),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Replica 0 loses the object; replica 1 gets a flipped byte.
+    for f in version_files(&cfg.replicas[0], "repairme", "d")
+        .into_iter()
+        .chain(version_files(&cfg.replicas[0], "repairme", "m"))
+    {
+        fs::remove_file(f).unwrap();
+    }
+    let d1 = &version_files(&cfg.replicas[1], "repairme", "d")[0];
+    let mut bytes = fs::read(d1).unwrap();
+    bytes[1234] ^= 0x10;
+    fs::write(d1, bytes).unwrap();
+
+    let got = s
+        .get("repairme", Some(0..500_000), &GetOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&got.body[..], &data[..]);
+    s.wait_repairs().await;
+    let log = log_text();
+    assert!(
+        log.contains("repairme: replica 0") && log.contains("missing"),
+        "{log}"
+    );
+    assert!(
+        log.contains("repairme: replica 1") && log.contains("corrupt"),
+        "{log}"
+    );
+    // Both replicas are whole again: each alone serves the object.
+    for i in 0..3 {
+        let dfile = &version_files(&cfg.replicas[i], "repairme", "d")[0];
+        let raw = fs::read(dfile).unwrap();
+        assert_eq!(&raw[..data.len()], &data[..], "replica {i} not repaired");
+    }
+    let report = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_replicas_corrupt_is_an_error_with_no_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, true);
+    s.put(
+        "doomed",
+        Bytes::from(vec![7u8; 200_000]),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    for r in &cfg.replicas {
+        let f = &version_files(r, "doomed", "d")[0];
+        let mut b = fs::read(f).unwrap();
+        b[100_000] ^= 1;
+        fs::write(f, b).unwrap();
+    }
+    match s.get("doomed", None, &GetOptions::default()).await {
+        Err(StoreError::Corrupt { key, detail }) => {
+            assert_eq!(key, "doomed");
+            assert!(
+                detail.contains("replica 0") && detail.contains("replica 2"),
+                "{detail}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // A range that touches only good blocks still reads (block checksums are independent).
+    let got = s
+        .get("doomed", Some(0..1000), &GetOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&got.body[..], &[7u8; 1000][..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_read_of_a_large_object_reads_little() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = new_store(d.path(), 1, false);
+    let mut up = s
+        .create_upload("huge", &PutOptions::default())
+        .await
+        .unwrap();
+    let part = Bytes::from(vec![3u8; 8 << 20]);
+    for _ in 0..64 {
+        up.put_part(part.clone()).await.unwrap(); // 512 MiB
+    }
+    up.complete().await.unwrap();
+    // The read runs in a process of its own so that its I/O counter counts only it.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "small_read_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("COFFER_SMALL_READ_CHILD", d.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let read: u64 = text
+        .lines()
+        .find_map(|l| l.split("bytes read: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("child said: {text}{}", String::from_utf8_lossy(&out.stderr)))
+        .parse()
+        .unwrap();
+    assert!(
+        read < 1 << 20,
+        "a 4 KiB read of a 512 MiB object read {read} bytes"
+    );
+}
+
+/// The child side of the test above: one 4 KiB ranged get, and the bytes it read.
+#[test]
+fn small_read_child() {
+    let Ok(root) = std::env::var("COFFER_SMALL_READ_CHILD") else {
+        return;
+    };
+    let cfg = LocalStoreConfig {
+        store_id: "test".into(),
+        replicas: vec![PathBuf::from(root).join("r0")],
+        versioning: false,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = LocalStore::open(&cfg).unwrap();
+    let before = read_bytes_of_self();
+    let got = rt
+        .block_on(s.get(
+            "huge",
+            Some(300 << 20..(300 << 20) + 4096),
+            &GetOptions::default(),
+        ))
+        .unwrap();
+    let after = read_bytes_of_self();
+    assert_eq!(&got.body[..], &[3u8; 4096][..]);
+    println!("bytes read: {}", after - before);
+}
+
+fn read_bytes_of_self() -> u64 {
+    // rchar counts bytes read by this process through read syscalls, cached or not.
+    fs::read_to_string("/proc/self/io")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn versions_list_read_and_restore() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = new_store(d.path(), 3, true);
+    for body in ["first", "second", "third", "fourth"] {
+        s.put("doc", Bytes::from(body), &PutOptions::default())
+            .await
+            .unwrap();
+    }
+    s.delete("doc").await.unwrap();
+    let list = s.list_versions("doc").await.unwrap();
+    assert_eq!(list.len(), 5);
+    assert!(list[0].is_delete_marker);
+    assert_eq!(list.iter().filter(|v| !v.is_delete_marker).count(), 4);
+    let second = list[3].version_id.clone();
+    s.restore_version("doc", &second, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        &s.get("doc", None, &GetOptions::default())
+            .await
+            .unwrap()
+            .body[..],
+        b"second"
+    );
+    // Pruning keeps the newest two.
+    let removed = s.prune_versions("", 2, None).await.unwrap();
+    assert_eq!(removed, 4);
+    assert_eq!(s.list_versions("doc").await.unwrap().len(), 2);
+    assert_eq!(
+        &s.get("doc", None, &GetOptions::default())
+            .await
+            .unwrap()
+            .body[..],
+        b"second"
+    );
+}
+
+/// Mounts a tmpfs of `size` at `dir` (root only), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status();
+        assert!(
+            matches!(st, Ok(s) if s.success()),
+            "mounting a tmpfs failed: this test needs root (CI runs as root) to fill a small filesystem"
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_replica_fails_the_put_with_nospace_and_keeps_the_old_version() {
+    let d = tempfile::tempdir().unwrap();
+    let _small = Tmpfs::mount(&d.path().join("r2"), "3m");
+    let (s, cfg) = new_store(d.path(), 3, false);
+    let old = vec![1u8; 1 << 20];
+    s.put("k", Bytes::from(old.clone()), &PutOptions::default())
+        .await
+        .unwrap();
+    // Whole put and multipart upload both fail with NoSpace.
+    let err = s
+        .put("k", Bytes::from(vec![2u8; 4 << 20]), &PutOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoSpace { .. }), "{err:?}");
+    assert_eq!(err.errno(), libc::ENOSPC);
+    let mut up = s.create_upload("k", &PutOptions::default()).await.unwrap();
+    let mut failed = None;
+    for _ in 0..4 {
+        if let Err(e) = up.put_part(Bytes::from(vec![3u8; 1 << 20])).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = match failed {
+        Some(e) => e,
+        None => up.complete().await.unwrap_err(),
+    };
+    assert!(matches!(err, StoreError::NoSpace { .. }), "{err:?}");
+    // The old version is intact and still the only one, on every replica.
+    assert_eq!(
+        &s.get("k", None, &GetOptions::default()).await.unwrap().body[..],
+        &old[..]
+    );
+    for r in &cfg.replicas {
+        assert_eq!(version_files(r, "k", "m").len(), 1, "{}", r.display());
+        assert_eq!(
+            fs::read_dir(r.join("tmp")).unwrap().count(),
+            0,
+            "leftovers in {}",
+            r.display()
+        );
+    }
+    let report = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_injected_replica_failure_rolls_back_everywhere() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, true);
+    s.put("k", Bytes::from_static(b"old"), &PutOptions::default())
+        .await
+        .unwrap();
+    s.set_replica_fault(1, Some(coffer::store::faulty::FaultKind::Transient));
+    assert!(
+        s.put("k", Bytes::from_static(b"new"), &PutOptions::default())
+            .await
+            .is_err()
+    );
+    assert!(s.delete("k").await.is_err());
+    s.set_replica_fault(1, None);
+    assert_eq!(
+        &s.get("k", None, &GetOptions::default()).await.unwrap().body[..],
+        b"old"
+    );
+    for r in &cfg.replicas {
+        assert_eq!(version_files(r, "k", "m").len(), 1);
+    }
+}
+
+/// The child side of the crash test: writes two alternating 24 MiB versions of one object
+/// as multipart uploads until killed.
+#[test]
+fn crash_child_put_loop() {
+    let Ok(root) = std::env::var("COFFER_CRASH_CHILD") else {
+        return;
+    };
+    let cfg = LocalStoreConfig {
+        store_id: "test".into(),
+        replicas: (0..3)
+            .map(|i| PathBuf::from(&root).join(format!("r{i}")))
+            .collect(),
+        versioning: false,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = LocalStore::open(&cfg).unwrap();
+        for round in 0u64.. {
+            let fill = if round % 2 == 0 { 0xBB } else { 0xAA };
+            let mut up = s
+                .create_upload("big", &PutOptions::default())
+                .await
+                .unwrap();
+            for _ in 0..6 {
+                up.put_part(Bytes::from(vec![fill; 4 << 20])).await.unwrap();
+            }
+            up.complete().await.unwrap();
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_puts_never_tears_an_object() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, false);
+    s.put(
+        "big",
+        Bytes::from(vec![0xAAu8; 24 << 20]),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    drop(s);
+    let exe = std::env::current_exe().unwrap();
+    let kill_points = 30;
+    for i in 0..kill_points {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "crash_child_put_loop",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("COFFER_CRASH_CHILD", d.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill points spread over a few put cycles.
+        std::thread::sleep(Duration::from_millis(150 + (i * 97) % 900));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let s = LocalStore::open(&cfg).unwrap();
+        // Every replica on its own holds a whole old or whole new version.
+        for r in &cfg.replicas {
+            let records = version_files(r, "big", "m");
+            assert!(
+                !records.is_empty(),
+                "kill {i}: replica {} lost the object",
+                r.display()
+            );
+        }
+        s.clean_tmp().unwrap();
+        let report = scrub::scrub(&s, true, &mut |_, _| {}).unwrap();
+        assert!(
+            !report
+                .damage
+                .iter()
+                .any(|d| matches!(d, Damage::Corrupt { .. } | Damage::Lost { .. })),
+            "kill {i}: {:?}",
+            report.damage
+        );
+        let body = s
+            .get("big", None, &GetOptions::default())
+            .await
+            .unwrap()
+            .body;
+        assert_eq!(body.len(), 24 << 20, "kill {i}");
+        assert!(
+            body.iter().all(|&b| b == body[0]) && (body[0] == 0xAA || body[0] == 0xBB),
+            "kill {i}: torn object"
+        );
+        let again = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+        assert!(
+            again.damage.is_empty(),
+            "kill {i}: after repair: {:?}",
+            again.damage
+        );
+    }
+}
