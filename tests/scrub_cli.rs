@@ -18,7 +18,11 @@ async fn scrub_finds_and_repairs_a_corruption_among_10000_objects() {
     require_tool("script", "bsdutils");
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    run(Command::new(coffer_bin()).arg("init").arg(&store).arg("--no-encryption").arg("--no-versioning"));
+    run(Command::new(coffer_bin())
+        .arg("init")
+        .arg(&store)
+        .arg("--no-encryption")
+        .arg("--no-versioning"));
     let cfg = VolumeConfig::read(&store).unwrap();
     let s = Arc::new(LocalStore::open(&cfg.local_store_config().unwrap()).unwrap());
     let mut tasks = tokio::task::JoinSet::new();
@@ -27,7 +31,13 @@ async fn scrub_finds_and_repairs_a_corruption_among_10000_objects() {
         tasks.spawn(async move {
             for i in (t..10_000).step_by(16) {
                 let key = format!("d{}/obj{i:05}", i % 50);
-                s.put(&key, Bytes::from(format!("object {i}")), &PutOptions::default()).await.unwrap();
+                s.put(
+                    &key,
+                    Bytes::from(format!("object {i}")),
+                    &PutOptions::default(),
+                )
+                .await
+                .unwrap();
             }
         });
     }
@@ -47,28 +57,59 @@ async fn scrub_finds_and_repairs_a_corruption_among_10000_objects() {
     fs::write(&data, b).unwrap();
 
     // In a pipe: no progress bar, a report naming the damage, a failing status.
-    let out = Command::new(coffer_bin()).arg("scrub").arg(&store).output().unwrap();
+    let out = Command::new(coffer_bin())
+        .arg("scrub")
+        .arg(&store)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "scrub passed with damage: {stdout}");
-    assert!(err.contains("d7/obj04257") && err.contains("replica: 1"), "{err}");
-    assert!(stdout.contains("10000 keys") && stdout.contains("corrupt replicas: 1"), "{stdout}");
-    assert!(!err.contains("keys ("), "progress bar drawn into a pipe: {err}");
+    assert!(
+        err.contains("d7/obj04257") && err.contains("replica: 1"),
+        "{err}"
+    );
+    assert!(
+        stdout.contains("10000 keys") && stdout.contains("corrupt replicas: 1"),
+        "{stdout}"
+    );
+    assert!(
+        !err.contains("keys ("),
+        "progress bar drawn into a pipe: {err}"
+    );
 
     // On a terminal, with --repair: the bar shows and the damage is repaired.
     let tty = Command::new("script")
         .args(["-qec"])
-        .arg(format!("{} scrub {} --repair", coffer_bin().display(), store.display()))
+        .arg(format!(
+            "{} scrub {} --repair",
+            coffer_bin().display(),
+            store.display()
+        ))
         .arg("/dev/null")
         .output()
         .unwrap();
     let shown = String::from_utf8_lossy(&tty.stdout);
     assert!(tty.status.success(), "{shown}");
-    assert!(shown.contains("keys ("), "no progress bar on a terminal: {shown}");
+    assert!(
+        shown.contains("keys ("),
+        "no progress bar on a terminal: {shown}"
+    );
     assert!(shown.contains("repaired: 1"), "{shown}");
 
-    let again = Command::new(coffer_bin()).arg("scrub").arg(&store).output().unwrap();
+    let again = Command::new(coffer_bin())
+        .arg("scrub")
+        .arg(&store)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&again.stdout);
-    assert!(again.status.success(), "{stdout}{}", String::from_utf8_lossy(&again.stderr));
-    assert!(stdout.contains("corrupt replicas: 0") && stdout.contains("missing replicas: 0"), "{stdout}");
+    assert!(
+        again.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        stdout.contains("corrupt replicas: 0") && stdout.contains("missing replicas: 0"),
+        "{stdout}"
+    );
 }
