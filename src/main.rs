@@ -88,12 +88,20 @@ struct MountArgs {
     /// Directory for staged (encrypted) changes of files being rewritten.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Detach once the mount is ready (exit status says whether it mounted).
+    #[arg(short = 'd', long)]
+    daemon: bool,
+    /// Write logs to this file instead of standard error.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Create a new random root key file (mode 0600).
     New { file: PathBuf },
+    /// Print the id of a root key file (the id stores and error messages name).
+    Id { file: PathBuf },
 }
 
 #[derive(Args)]
@@ -122,23 +130,123 @@ struct RestoreArgs {
     version: String,
 }
 
+/// Set in a detached mount's process: the pipe on which it reports readiness or failure.
+const READY_FD_ENV: &str = "COFFER_READY_FD";
+
+fn init_logging(command: &Command) -> Result<()> {
+    let (level, log_file) = match command {
+        Command::Mount(a) => ("info", a.log_file.clone()),
+        _ => ("warn", None),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
+        }
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
+}
+
+/// Reports to the parent of a detached mount (if this is one).
+fn report_ready(msg: &str) {
+    use std::os::unix::io::FromRawFd;
+    if let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        // SAFETY: the parent passed us this descriptor for exactly this message; it is used
+        // once and closed.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = f.write_all(msg.as_bytes());
+        // SAFETY: setting the variable before any other thread reads the environment again.
+        unsafe { std::env::remove_var(READY_FD_ENV) };
+    }
+}
+
+/// `coffer mount -d`: runs the mount in a new session and returns once it is ready (or
+/// failed, with its reason).
+fn run_detached(log_to_file: bool) -> Result<()> {
+    use std::os::unix::io::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let (r, w) = (fds[0], fds[1]);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_FD_ENV, w.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // With a log file the detached process keeps nothing of the caller's terminal or pipes;
+    // without one, its log goes to the caller's standard error.
+    if log_to_file {
+        cmd.stderr(std::process::Stdio::null());
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            let flags = libc::fcntl(w, libc::F_GETFD);
+            libc::fcntl(w, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    // SAFETY: closing our copy of the write end, so EOF comes when the child closes its own.
+    unsafe { libc::close(w) };
+    let mut msg = String::new();
+    // SAFETY: `r` is the read end of the pipe, owned here.
+    let mut reader = unsafe { std::fs::File::from_raw_fd(r) };
+    std::io::Read::read_to_string(&mut reader, &mut msg)?;
+    if msg.starts_with("ready") {
+        return Ok(());
+    }
+    let status = child.wait()?;
+    if msg.is_empty() {
+        bail!("the mount process exited with {status} before the mount was ready");
+    }
+    bail!("{}", msg.trim_start_matches("error: ").trim());
+}
+
 fn main() {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Mount(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Command::Mount(a) = &cli.command
+        && a.daemon
+        && std::env::var_os(READY_FD_ENV).is_none()
+    {
+        if let Err(e) = run_detached(a.log_file.is_some()) {
+            eprintln!("coffer: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Err(e) = init_logging(&cli.command) {
+        eprintln!("coffer: {e:#}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Init(a) => init(a),
         Command::Mount(a) => mount(a),
         Command::Key(KeyCommand::New { file }) => key_new(&file),
+        Command::Key(KeyCommand::Id { file }) => RootKey::read(&file)
+            .map(|k| println!("{}", k.id_hex()))
+            .map_err(|e| anyhow!("{e}")),
         Command::Ls(a) => ls(a),
         Command::Cat(a) => cat(a),
         Command::Scrub(a) => scrub_cmd(a),
@@ -146,6 +254,7 @@ fn main() {
         Command::Restore(a) => restore(a),
     };
     if let Err(e) = result {
+        report_ready(&format!("error: {e:#}"));
         eprintln!("coffer: {e:#}");
         std::process::exit(1);
     }
@@ -242,6 +351,7 @@ fn mount(a: MountArgs) -> Result<()> {
     };
     let _lock = volume::lock_store(&source, true)?;
     let vol = volume::open_local(&source, &keys)?;
+    volume::record_writer_key(&source, &vol)?;
     if let Some(local) = &vol.local {
         let n = local.clean_tmp().context("cleaning temporary files")?;
         if n > 0 {
@@ -259,7 +369,7 @@ fn mount(a: MountArgs) -> Result<()> {
         cache_dir,
         fsname: format!("coffer:{}", source.display()),
     };
-    coffer::mount::run(vol.store, vol.crypt, opts, || {})
+    coffer::mount::run(vol.store, vol.crypt, opts, || report_ready("ready\n"))
 }
 
 fn open_read(source: &Path, keys: &[PathBuf]) -> Result<volume::Volume> {

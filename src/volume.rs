@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::crypt::keys::{KeyRing, RootKey};
+use crate::crypt::keys::{KeyProvider, KeyRing, RootKey};
 use crate::crypt::{Crypt, Mode};
 use crate::store::ObjectStore;
 use crate::store::local::{LocalStore, LocalStoreConfig};
@@ -227,7 +227,7 @@ pub fn open_local(path: &Path, key_files: &[PathBuf]) -> Result<Volume> {
                 );
             }
             let ring = load_keys(key_files)?;
-            let ids = crate::crypt::keys::KeyProvider::key_ids(&ring);
+            let ids = ring.key_ids();
             if !config.encryption.key_ids.is_empty()
                 && !config.encryption.key_ids.iter().any(|k| ids.contains(k))
             {
@@ -251,6 +251,37 @@ pub fn open_local(path: &Path, key_files: &[PathBuf]) -> Result<Volume> {
         config,
         crypt,
     })
+}
+
+/// Adds the key that will wrap new data keys to the store's list of expected key ids, so
+/// that later mounts name every key the store's objects may need.
+pub fn record_writer_key(path: &Path, vol: &Volume) -> Result<()> {
+    let Some(provider) = vol.crypt.provider() else {
+        return Ok(());
+    };
+    let Some(writer) = provider.key_ids().into_iter().next() else {
+        return Ok(());
+    };
+    if vol.config.encryption.key_ids.contains(&writer) {
+        return Ok(());
+    }
+    let mut cfg = vol.config.clone();
+    cfg.encryption.key_ids.push(writer);
+    let file = path.join(CONFIG_FILE);
+    let tmp = path.join(format!("{CONFIG_FILE}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(toml::to_string_pretty(&cfg)?.as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &file)?;
+    crate::store::local::durable::sync_dir(path)?;
+    Ok(())
 }
 
 /// Where `coffer mount MOUNTPOINT` keeps its default store and key.

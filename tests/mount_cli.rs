@@ -1,0 +1,159 @@
+//! The command line around mounting: the first-run default store, detached mounts, keys
+//! missing for some files, and reading a store without mounting it.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn first_run_creates_the_default_store_and_key() {
+    require_fuse();
+    let home = tempfile::tempdir().unwrap();
+    let mnt = home.path().join("coffer");
+    fs::create_dir(&mnt).unwrap();
+    let log = home.path().join("mount.log");
+    let mut child = Command::new(coffer_bin())
+        .arg("mount")
+        .arg(&mnt)
+        .env("HOME", home.path())
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("XDG_CONFIG_HOME")
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("the default mount", || is_mounted(&mnt));
+    fs::write(mnt.join("hello.txt"), b"first run").unwrap();
+    let key = home.path().join(".config/coffer/root.key");
+    let store = home.path().join(".local/share/coffer/default");
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    for i in 0..3 {
+        assert!(store.join(format!("replica-{i}/replica.json")).exists());
+    }
+    // SIGTERM commits and unmounts.
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(!is_mounted(&mnt));
+    assert!(
+        text.contains(key.to_str().unwrap()) && text.contains("losing it loses the data"),
+        "{text}"
+    );
+    // The file is in the store, readable without mounting.
+    let out = run(Command::new(coffer_bin())
+        .arg("cat")
+        .arg(&store)
+        .arg("hello.txt")
+        .env("HOME", home.path()));
+    assert_eq!(out, "first run");
+    let ls = run(Command::new(coffer_bin())
+        .arg("ls")
+        .arg(&store)
+        .env("HOME", home.path()));
+    assert!(ls.contains("9  hello.txt"), "{ls}");
+}
+
+#[test]
+fn daemon_mode_returns_once_ready_and_reports_failures() {
+    require_fuse();
+    let s = TestStore::new(1);
+    let mnt = s.dir.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    let log = s.dir.path().join("daemon.log");
+    let out = Command::new(coffer_bin())
+        .arg("mount")
+        .arg(&s.store)
+        .arg(&mnt)
+        .arg("--key")
+        .arg(&s.key)
+        .arg("-d")
+        .arg("--log-file")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Ready when the command returned: no waiting.
+    assert!(is_mounted(&mnt));
+    fs::write(mnt.join("f"), b"daemon").unwrap();
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"daemon");
+    run(Command::new("umount").arg(&mnt));
+    wait_until("the daemon to exit", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("unmounted")
+    });
+    // A failure after detaching comes back to the caller, with its reason.
+    let out = Command::new(coffer_bin())
+        .arg("mount")
+        .arg(&s.store)
+        .arg(s.dir.path().join("no-such-dir"))
+        .arg("--key")
+        .arg(&s.key)
+        .arg("-d")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_file_wrapped_by_a_key_the_mount_lacks_gives_eacces() {
+    require_fuse();
+    let s = TestStore::new(1);
+    let m = s.mount();
+    fs::write(m.p("old"), b"written with key A").unwrap();
+    m.unmount();
+    // Mount with a new key B first in the ring: new files are wrapped by B.
+    let b = s.dir.path().join("b.key");
+    run(Command::new(coffer_bin()).arg("key").arg("new").arg(&b));
+    let mnt = s.dir.path().join("mb");
+    fs::create_dir(&mnt).unwrap();
+    let mb = Mount::start(&s.store, &mnt, &b, &["--key", s.key.to_str().unwrap()]);
+    fs::write(mb.p("new"), b"written with key B").unwrap();
+    assert_eq!(fs::read(mb.p("old")).unwrap(), b"written with key A");
+    mb.unmount();
+    // The store now expects A or B; a mount with only A reads the old file, and the new one
+    // fails with EACCES and a log line naming the file and the missing key.
+    let b_id = run(Command::new(coffer_bin()).arg("key").arg("id").arg(&b));
+    let cfg = fs::read_to_string(s.store.join("coffer.toml")).unwrap();
+    assert!(cfg.contains(b_id.trim()), "{cfg}");
+    let m = s.mount();
+    assert_eq!(fs::read(m.p("old")).unwrap(), b"written with key A");
+    let e = fs::read(m.p("new")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+    assert_eq!(
+        fs::read(m.p("old")).unwrap(),
+        b"written with key A",
+        "mount stopped serving"
+    );
+    let log = m.unmount();
+    assert!(log.contains("new") && log.contains("pass --key"), "{log}");
+}
