@@ -453,7 +453,7 @@ fn cat(a: ReadArgs) -> Result<()> {
 fn scrub_cmd(a: ScrubArgs) -> Result<()> {
     let _lock = volume::lock_store(&a.source, true)?;
     let cfg = volume::VolumeConfig::read(&a.source)?;
-    let store = coffer::store::local::LocalStore::open(&cfg.local_store_config()?)
+    let store = coffer::store::local::LocalStore::open(&cfg.local_store_config(&a.source)?)
         .map_err(|e| anyhow!("{e}"))?;
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
@@ -536,7 +536,7 @@ fn restore(a: RestoreArgs) -> Result<()> {
     let _lock = volume::lock_store(&a.source, true)?;
     let cfg = volume::VolumeConfig::read(&a.source)?;
     let store: Arc<dyn ObjectStore> = Arc::new(
-        coffer::store::local::LocalStore::open(&cfg.local_store_config()?)
+        coffer::store::local::LocalStore::open(&cfg.local_store_config(&a.source)?)
             .map_err(|e| anyhow!("{e}"))?,
     );
     let rt = runtime()?;

@@ -52,7 +52,14 @@ pub struct EncryptionConfig {
 pub struct LocalSection {
     pub replicas: Vec<PathBuf>,
     pub versioning: bool,
+    /// Refuse writes without server-side encryption (a bucket policy's equivalent).
+    #[serde(default)]
+    pub require_encryption: bool,
 }
+
+/// The store-held SSE-S3 key of a local store: in the store directory, apart from the
+/// replicas, mode 0600.
+pub const SSE_KEY_FILE: &str = "sse-s3.key";
 
 /// Options of `coffer init` for a local store.
 pub struct InitLocal {
@@ -100,15 +107,30 @@ impl VolumeConfig {
         Ok(())
     }
 
-    pub fn local_store_config(&self) -> Result<LocalStoreConfig> {
+    /// How to open the local store at `path` (whose config this is).
+    pub fn local_store_config(&self, path: &Path) -> Result<LocalStoreConfig> {
         let local = self
             .local
             .as_ref()
             .ok_or_else(|| anyhow!("not a local store"))?;
+        let key_file = path.join(SSE_KEY_FILE);
+        let sse_store_key = match fs::read(&key_file) {
+            Ok(b) => {
+                let k: [u8; 32] = b
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| anyhow!("{}: not a 32-byte key", key_file.display()))?;
+                Some(crate::store::SseCustomerKey::new(k))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => bail!("{}: {e}", key_file.display()),
+        };
         Ok(LocalStoreConfig {
             store_id: self.store_id.clone(),
             replicas: local.replicas.clone(),
             versioning: local.versioning,
+            sse_store_key,
+            require_encryption: local.require_encryption,
         })
     }
 }
@@ -162,9 +184,22 @@ pub fn init_local(o: &InitLocal) -> Result<VolumeConfig> {
         local: Some(LocalSection {
             replicas,
             versioning: o.versioning,
+            require_encryption: false,
         }),
     };
-    LocalStore::init(&cfg.local_store_config()?)?;
+    // The SSE-S3 store key: random, kept beside the config and apart from the replicas.
+    let mut sse_key = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut *sse_key).expect("the OS random source works");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path.join(SSE_KEY_FILE))?;
+        f.write_all(&*sse_key)?;
+        f.sync_all()?;
+    }
+    LocalStore::init(&cfg.local_store_config(&path)?)?;
     cfg.write_new(&path)?;
     Ok(cfg)
 }
@@ -217,7 +252,7 @@ pub struct Volume {
 /// Opens a local store with the given key files, checking that the keys it needs are there.
 pub fn open_local(path: &Path, key_files: &[PathBuf]) -> Result<Volume> {
     let config = VolumeConfig::read(path)?;
-    let local = LocalStore::open(&config.local_store_config()?).map_err(|e| anyhow!("{e}"))?;
+    let local = LocalStore::open(&config.local_store_config(path)?).map_err(|e| anyhow!("{e}"))?;
     let crypt = match config.encryption.mode.as_str() {
         "client" => {
             if key_files.is_empty() {

@@ -24,7 +24,7 @@ async fn scrub_finds_and_repairs_a_corruption_among_10000_objects() {
         .arg("--no-encryption")
         .arg("--no-versioning"));
     let cfg = VolumeConfig::read(&store).unwrap();
-    let s = Arc::new(LocalStore::open(&cfg.local_store_config().unwrap()).unwrap());
+    let s = Arc::new(LocalStore::open(&cfg.local_store_config(&store).unwrap()).unwrap());
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..16 {
         let s = s.clone();

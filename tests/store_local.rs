@@ -51,6 +51,7 @@ fn new_store(dir: &Path, n: usize, versioning: bool) -> (LocalStore, LocalStoreC
         store_id: "test".into(),
         replicas: (0..n).map(|i| dir.join(format!("r{i}"))).collect(),
         versioning,
+        ..Default::default()
     };
     LocalStore::init(&cfg).unwrap();
     (LocalStore::open(&cfg).unwrap(), cfg)
@@ -218,6 +219,7 @@ fn small_read_child() {
         store_id: "test".into(),
         replicas: vec![PathBuf::from(root).join("r0")],
         versioning: false,
+        ..Default::default()
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s = LocalStore::open(&cfg).unwrap();
@@ -392,6 +394,7 @@ fn crash_child_put_loop() {
             .map(|i| PathBuf::from(&root).join(format!("r{i}")))
             .collect(),
         versioning: false,
+        ..Default::default()
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -478,4 +481,186 @@ async fn sigkill_during_puts_never_tears_an_object() {
             again.damage
         );
     }
+}
+
+fn sse_c(b: u8) -> coffer::store::Sse {
+    coffer::store::Sse::Customer(coffer::store::SseCustomerKey::new([b; 32]))
+}
+
+/// Every byte of every file below `dir`, concatenated (for "appears nowhere" checks).
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(all_bytes(&p));
+        } else {
+            out.extend(fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_c_refuses_missing_and_wrong_keys_and_keeps_no_key() {
+    use base64::Engine;
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, true);
+    let key = sse_c(0x5a);
+    let marker = b"SSE-C-PLAINTEXT-MARKER".repeat(5000);
+    let opts = PutOptions {
+        sse: key.clone(),
+        ..Default::default()
+    };
+    s.put("secret", Bytes::from(marker.clone()), &opts)
+        .await
+        .unwrap();
+    // Multipart with SSE-C too.
+    let mut up = s.create_upload("secret-multi", &opts).await.unwrap();
+    up.put_part(Bytes::from(marker.clone())).await.unwrap();
+    up.put_part(Bytes::from(marker.clone())).await.unwrap();
+    up.complete().await.unwrap();
+    let with = GetOptions {
+        sse: key.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        &s.get("secret", None, &with).await.unwrap().body[..],
+        &marker[..]
+    );
+    let got = s
+        .get("secret-multi", Some(100_000..150_000), &with)
+        .await
+        .unwrap();
+    assert_eq!(
+        &got.body[..],
+        &[marker.clone(), marker.clone()].concat()[100_000..150_000]
+    );
+    for bad in [
+        GetOptions::default(),
+        GetOptions {
+            sse: sse_c(0x5b),
+            ..Default::default()
+        },
+    ] {
+        for k in ["secret", "secret-multi"] {
+            assert!(
+                matches!(s.get(k, None, &bad).await, Err(StoreError::WrongKey { .. })),
+                "{k}"
+            );
+            assert!(
+                matches!(s.head(k, &bad).await, Err(StoreError::WrongKey { .. })),
+                "{k}"
+            );
+        }
+    }
+    // A wrong key is not damage: nothing was "repaired".
+    let report = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    // Copies: same key shares the data; another key re-encrypts.
+    let copy = coffer::store::CopyOptions {
+        source_sse: key.clone(),
+        sse: key.clone(),
+        ..Default::default()
+    };
+    s.copy("secret", "same-key", &copy).await.unwrap();
+    assert_eq!(
+        &s.get("same-key", None, &with).await.unwrap().body[..],
+        &marker[..]
+    );
+    let other = sse_c(0x77);
+    let copy = coffer::store::CopyOptions {
+        source_sse: key.clone(),
+        sse: other.clone(),
+        ..Default::default()
+    };
+    s.copy("secret", "other-key", &copy).await.unwrap();
+    let with_other = GetOptions {
+        sse: other,
+        ..Default::default()
+    };
+    assert_eq!(
+        &s.get("other-key", None, &with_other).await.unwrap().body[..],
+        &marker[..]
+    );
+    assert!(matches!(
+        s.get("other-key", None, &with).await,
+        Err(StoreError::WrongKey { .. })
+    ));
+    // Copying without the source key is refused.
+    let nokey = coffer::store::CopyOptions {
+        sse: key.clone(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        s.copy("secret", "x", &nokey).await,
+        Err(StoreError::WrongKey { .. })
+    ));
+    // Neither the key (raw, hex, base64) nor the plaintext is anywhere in the store.
+    for r in &cfg.replicas {
+        let bytes = all_bytes(r);
+        let raw = [0x5au8; 32];
+        assert!(!contains(&bytes, &raw), "raw key in {}", r.display());
+        assert!(!contains(&bytes, hex::encode(raw).as_bytes()));
+        assert!(!contains(
+            &bytes,
+            base64::engine::general_purpose::STANDARD
+                .encode(raw)
+                .as_bytes()
+        ));
+        assert!(
+            !contains(&bytes, b"SSE-C-PLAINTEXT-MARKER"),
+            "plaintext in {}",
+            r.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_s3_and_the_encryption_policy() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = LocalStoreConfig {
+        store_id: "test".into(),
+        replicas: (0..2).map(|i| d.path().join(format!("r{i}"))).collect(),
+        versioning: false,
+        sse_store_key: Some(coffer::store::SseCustomerKey::new([0x33; 32])),
+        require_encryption: true,
+    };
+    LocalStore::init(&cfg).unwrap();
+    let s = LocalStore::open(&cfg).unwrap();
+    let plain = b"SSE-S3-PLAINTEXT-MARKER".repeat(1000);
+    let err = s
+        .put("k", Bytes::from(plain.clone()), &PutOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AccessDenied { .. }), "{err:?}");
+    assert_eq!(err.errno(), libc::EACCES);
+    let opts = PutOptions {
+        sse: coffer::store::Sse::S3,
+        ..Default::default()
+    };
+    s.put("k", Bytes::from(plain.clone()), &opts).await.unwrap();
+    // SSE-S3 objects read without a customer key, like S3.
+    let got = s
+        .get("k", Some(5..20_000), &GetOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&got.body[..], &plain[5..20_000]);
+    for r in &cfg.replicas {
+        assert!(!contains(&all_bytes(r), b"SSE-S3-PLAINTEXT-MARKER"));
+    }
+    // Without the store key, the object cannot be read.
+    let no_key = LocalStore::open(&LocalStoreConfig {
+        sse_store_key: None,
+        ..cfg.clone()
+    })
+    .unwrap();
+    assert!(matches!(
+        no_key.get("k", None, &GetOptions::default()).await,
+        Err(StoreError::AccessDenied { .. })
+    ));
 }

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod record;
 pub mod replica;
 pub mod scrub;
+pub mod sse;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -40,11 +41,15 @@ use record::{BLOCK_SIZE, DataChecksummer, MetaRecord};
 use replica::{DATA_SUFFIX, DELETE_SUFFIX, META_SUFFIX, Replica, ReplicaError, VersionName};
 
 /// How a local store is laid out, as kept in the store's config file.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LocalStoreConfig {
     pub store_id: String,
     pub replicas: Vec<PathBuf>,
     pub versioning: bool,
+    /// The store-held key of SSE-S3 (kept apart from the replicas).
+    pub sse_store_key: Option<super::SseCustomerKey>,
+    /// Refuse puts without server-side encryption, like a bucket policy denying them.
+    pub require_encryption: bool,
 }
 
 /// The local N-replica store. Cheap to clone.
@@ -62,6 +67,8 @@ struct Inner {
     repairs: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Test hook: writes to these replicas fail with the given fault.
     replica_faults: Mutex<BTreeMap<usize, FaultKind>>,
+    sse_store_key: Option<super::SseCustomerKey>,
+    require_encryption: bool,
 }
 
 impl LocalStore {
@@ -106,6 +113,8 @@ impl LocalStore {
                 clock: Mutex::new(0),
                 repairs: Mutex::new(Vec::new()),
                 replica_faults: Mutex::new(BTreeMap::new()),
+                sse_store_key: cfg.sse_store_key.clone(),
+                require_encryption: cfg.require_encryption,
             }),
         })
     }
@@ -267,6 +276,9 @@ struct PendingWrite {
     files: Vec<(usize, File, PathBuf)>,
     sums: DataChecksummer,
     metadata: Metadata,
+    /// Server-side encryption of the stored bytes, and how many were written.
+    sse: Option<(record::SseRecord, sse::ObjectKey)>,
+    written: u64,
 }
 
 impl Inner {
@@ -316,16 +328,21 @@ impl Inner {
                 ),
             ));
         }
-        if !opts.sse.is_none() {
-            return Err(StoreError::invalid(
-                key,
-                "server-side encryption is not supported by the local store in this version",
-            ));
+        if self.require_encryption && opts.sse.is_none() {
+            return Err(StoreError::AccessDenied {
+                key: key.to_string(),
+                detail: "the store's policy refuses writes without server-side encryption".into(),
+            });
         }
         self.check_writable(key)
     }
 
-    fn begin(&self, key: &str, metadata: Metadata) -> StoreResult<PendingWrite> {
+    fn store_key(&self) -> Option<&[u8; 32]> {
+        self.sse_store_key.as_ref().map(|k| k.bytes())
+    }
+
+    fn begin(&self, key: &str, metadata: Metadata, sse_req: &Sse) -> StoreResult<PendingWrite> {
+        let sse = sse::for_put(key, sse_req, self.store_key())?;
         let id = self.next_version_id();
         let mut files = Vec::new();
         for r in self.online() {
@@ -355,10 +372,23 @@ impl Inner {
             files,
             sums: DataChecksummer::new(BLOCK_SIZE),
             metadata,
+            sse,
+            written: 0,
         })
     }
 
     fn write(&self, w: &mut PendingWrite, data: &[u8]) -> StoreResult<()> {
+        let encrypted;
+        let data = match &w.sse {
+            Some((_, k)) => {
+                let mut buf = data.to_vec();
+                k.apply(w.written, &mut buf);
+                encrypted = buf;
+                &encrypted[..]
+            }
+            None => data,
+        };
+        w.written += data.len() as u64;
         w.sums.update(data);
         let results = for_each_parallel(&w.files, |(i, f, _)| {
             self.injected(*i)?;
@@ -380,6 +410,8 @@ impl Inner {
             files,
             sums,
             metadata,
+            sse,
+            ..
         } = w;
         let (table, digest, size) = sums.finish();
         let rec = MetaRecord {
@@ -391,7 +423,7 @@ impl Inner {
             blake3: digest,
             mtime_ns: now_ns(),
             metadata,
-            sse: None,
+            sse: sse.map(|(r, _)| r),
         };
         let meta_bytes = record::encode_meta(&rec);
         let v = VersionName {
@@ -767,6 +799,48 @@ impl Inner {
         Ok(result)
     }
 
+    /// A copy whose encryption differs from the source's: the data is read (verified),
+    /// decrypted and written again, a block at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_reencrypting(
+        self: &Arc<Self>,
+        src: &str,
+        src_id: &str,
+        rec: &MetaRecord,
+        src_key: Option<sse::ObjectKey>,
+        dst: &str,
+        metadata: Metadata,
+        dst_sse: &Sse,
+    ) -> StoreResult<ObjectInfo> {
+        const STEP: u64 = 8 << 20;
+        let mut w = self.begin(dst, metadata, dst_sse)?;
+        let mut off = 0;
+        while off < rec.size {
+            let r = off..(off + STEP).min(rec.size);
+            let read = self.read_version(src, Some(src_id), |rep, v, rec| {
+                let file =
+                    File::open(rep.data_path(src, &v.id)).map_err(|e| replica_err(src, e))?;
+                record::read_verified(&file, rec, r.clone())?.map_err(ReplicaError::Corrupt)
+            });
+            let mut data = match read {
+                Ok((_, _, d)) => d,
+                Err(e) => {
+                    self.abort(w);
+                    return Err(e);
+                }
+            };
+            if let Some(k) = &src_key {
+                k.apply(off, &mut data);
+            }
+            if let Err(e) = self.write(&mut w, &data) {
+                self.abort(w);
+                return Err(e);
+            }
+            off = r.end;
+        }
+        self.commit(w)
+    }
+
     fn head_latest(self: &Arc<Self>, key: &str, id: Option<&str>) -> StoreResult<ObjectInfo> {
         let (rec, id, ()) = self.read_version(key, id, |_, _, _| Ok(()))?;
         Ok(info_of(&rec, &id))
@@ -923,8 +997,9 @@ impl ObjectStore for LocalStore {
         let inner = self.inner.clone();
         let key = key.to_string();
         let metadata = opts.metadata.clone();
+        let sse_req = opts.sse.clone();
         blocking(move || {
-            let mut w = inner.begin(&key, metadata)?;
+            let mut w = inner.begin(&key, metadata, &sse_req)?;
             if let Err(e) = inner.write(&mut w, &body) {
                 inner.abort(w);
                 return Err(e);
@@ -939,7 +1014,8 @@ impl ObjectStore for LocalStore {
         let inner = self.inner.clone();
         let k = key.to_string();
         let metadata = opts.metadata.clone();
-        let w = blocking(move || inner.begin(&k, metadata)).await?;
+        let sse_req = opts.sse.clone();
+        let w = blocking(move || inner.begin(&k, metadata, &sse_req)).await?;
         Ok(Box::new(LocalUpload {
             inner: self.inner.clone(),
             write: Some(w),
@@ -952,23 +1028,28 @@ impl ObjectStore for LocalStore {
         range: Option<Range<u64>>,
         opts: &GetOptions,
     ) -> StoreResult<GetResult> {
-        if !opts.sse.is_none() {
-            return Err(StoreError::invalid(
-                key,
-                "server-side encryption is not supported by the local store in this version",
-            ));
-        }
         let inner = self.inner.clone();
         let k = key.to_string();
         let id = opts.version_id.clone();
+        let sse_req = opts.sse.clone();
         let (rec, id, (r, body)) = blocking(move || {
-            inner.read_version(&k, id.as_deref(), |rep, v, rec| {
-                let r = clamp_range(range.clone(), rec.size);
-                let file = File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
-                let data =
-                    record::read_verified(&file, rec, r.clone())?.map_err(ReplicaError::Corrupt)?;
-                Ok((r, data))
-            })
+            // The key is checked against the record first: a wrong key is the caller's
+            // error, never a reason to think a replica is damaged.
+            let (rec, _, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
+            let obj_key = sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
+            let (rec, vid, (r, mut data)) =
+                inner.read_version(&k, id.as_deref(), |rep, v, rec| {
+                    let r = clamp_range(range.clone(), rec.size);
+                    let file =
+                        File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
+                    let data = record::read_verified(&file, rec, r.clone())?
+                        .map_err(ReplicaError::Corrupt)?;
+                    Ok((r, data))
+                })?;
+            if let Some(key) = &obj_key {
+                key.apply(r.start, &mut data);
+            }
+            Ok((rec, vid, (r, data)))
         })
         .await?;
         Ok(GetResult {
@@ -982,7 +1063,13 @@ impl ObjectStore for LocalStore {
         let inner = self.inner.clone();
         let k = key.to_string();
         let id = opts.version_id.clone();
-        blocking(move || inner.head_latest(&k, id.as_deref())).await
+        let sse_req = opts.sse.clone();
+        blocking(move || {
+            let (rec, id, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
+            sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
+            Ok(info_of(&rec, &id))
+        })
+        .await
     }
 
     async fn list(&self, req: &ListRequest) -> StoreResult<ListPage> {
@@ -1073,10 +1160,16 @@ impl ObjectStore for LocalStore {
         let (src, dst) = (src.to_string(), dst.to_string());
         let new_meta = opts.metadata.clone();
         let src_id = opts.source_version_id.clone();
+        let (src_sse, dst_sse) = (opts.source_sse.clone(), opts.sse.clone());
         blocking(move || {
             // Find a verified record of the source; the data file is shared by a hard link,
             // so a copy moves no data (rename and metadata updates cost one small write).
             let (rec, id, ()) = inner.read_version(&src, src_id.as_deref(), |_, _, _| Ok(()))?;
+            let src_key = sse::for_get(&src, rec.sse.as_ref(), &src_sse, inner.store_key())?;
+            if !sse::same_encryption(rec.sse.as_ref(), &dst_sse) {
+                let metadata = new_meta.unwrap_or(rec.metadata.clone());
+                return inner.copy_reencrypting(&src, &id, &rec, src_key, &dst, metadata, &dst_sse);
+            }
             let v = VersionName {
                 id: inner.next_version_id(),
                 deleted: false,
