@@ -245,6 +245,7 @@ pub fn run(
         error!("committing open files at unmount: {e}");
     }
     let _ = std::fs::remove_dir_all(&staging_dir);
+    info!("{}", vfs.stats_line());
     info!("unmounted {}", opts.mountpoint.display());
     joined.map_err(|e| anyhow!("FUSE session: {e}"))
 }

@@ -439,3 +439,31 @@ fn mount_names_the_missing_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }
+
+#[test]
+fn a_writer_that_forks_keeps_streaming() {
+    require_fuse();
+    let s = TestStore::with_args(&["--replicas", "1", "--no-versioning"]);
+    let m = s.mount();
+    let mut f = fs::File::create(m.p("log")).unwrap();
+    let block = vec![7u8; 1 << 20];
+    for _ in 0..24 {
+        f.write_all(&block).unwrap();
+        // Each child inherits the descriptor and closes it at exec: a FUSE flush from
+        // another process, which must not commit (and so end the stream) each time.
+        run(&mut std::process::Command::new("true"));
+    }
+    drop(f);
+    let log = m.unmount();
+    let committed = log
+        .lines()
+        .find_map(|l| l.split("committed ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no stats line in the log:\n{log}"));
+    assert_eq!(
+        committed, 1,
+        "the file was committed {committed} times:\n{log}"
+    );
+    assert!(!log.contains("while streaming"), "{log}");
+}

@@ -310,11 +310,15 @@ impl Filesystem for CofferFs {
         reply.error(Errno::EPERM);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        let pid = req.pid();
         self.spawn(|vfs| async move {
             match vfs.open(ino.0, truncate).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    vfs.set_handle_owner(fh, pid);
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -352,8 +356,10 @@ impl Filesystem for CofferFs {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        // The ticket is taken here, in arrival order, before the task may be reordered.
+        let ticket = self.vfs.write_ticket(ino.0);
         self.spawn(|vfs| async move {
-            match vfs.write(ino.0, offset, &data).await {
+            match vfs.write_in_order(ino.0, offset, &data, ticket).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -362,14 +368,15 @@ impl Filesystem for CofferFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let pid = req.pid();
         self.spawn(|vfs| async move {
-            match vfs.flush(ino.0).await {
+            match vfs.flush_from(ino.0, fh.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -626,6 +633,21 @@ impl Filesystem for CofferFs {
         });
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Regular files answer no ioctls (isatty() and friends ask).
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission checks are the kernel's (default_permissions).
         reply.ok();
@@ -648,19 +670,22 @@ impl Filesystem for CofferFs {
         if mode & libc::S_IFMT != 0 && mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EPERM);
         }
-        let (uid, gid) = (req.uid(), req.gid());
+        let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         self.spawn(|vfs| async move {
             match vfs
                 .create(parent.0, &name, mode & !umask & 0o7777, uid, gid)
                 .await
             {
-                Ok((e, fh)) => reply.created(
-                    &TTL,
-                    &file_attr(e.ino, &e.attr),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((e, fh)) => {
+                    vfs.set_handle_owner(fh, pid);
+                    reply.created(
+                        &TTL,
+                        &file_attr(e.ino, &e.attr),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });

@@ -229,6 +229,10 @@ impl FileData {
             }
             // Not sequential: commit what was streamed, then stage on top of it. The
             // metadata is only needed by the commit, never by the staged write.
+            tracing::info!(
+                "{key}: write at {offset} while streaming at {}: committing, then staging changes",
+                w.written()
+            );
             self.commit(ctx, key, Metadata::new()).await?;
         }
         self.stage();

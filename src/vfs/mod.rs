@@ -176,6 +176,47 @@ impl Table {
     }
 }
 
+/// Serves tickets in order: each request runs on its own task, and tasks can reach a file's
+/// lock in another order than the kernel sent them; a sequential writer whose writes are
+/// applied out of order would stop streaming and rewrite its file.
+#[derive(Default)]
+pub struct OrderGate {
+    next: AtomicU64,
+    serving: AtomicU64,
+    turn: tokio::sync::Notify,
+}
+
+/// A place in a file's write order, taken when the request arrives.
+pub struct WriteTicket {
+    gate: Arc<OrderGate>,
+    n: u64,
+}
+
+impl WriteTicket {
+    async fn wait(&self) {
+        loop {
+            let notified = self.gate.turn.notified();
+            if self.gate.serving.load(Ordering::Acquire) == self.n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for WriteTicket {
+    /// Passes the turn on, whether the write succeeded, failed or was dropped.
+    fn drop(&mut self) {
+        let _ = self.gate.serving.compare_exchange(
+            self.n,
+            self.n + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.gate.turn.notify_waiters();
+    }
+}
+
 /// One entry of a directory listing: inode, name and attributes.
 pub type DirEntry = (u64, String, Attr);
 
@@ -205,7 +246,10 @@ pub struct Vfs {
     cfg: VfsConfig,
     table: Mutex<Table>,
     namespace: RwLock<()>,
-    handles: Mutex<HashMap<u64, u64>>,
+    /// Open file handles: inode, and the process that opened it (see [`Vfs::flush_from`]).
+    handles: Mutex<HashMap<u64, (u64, Option<u32>)>>,
+    /// Per-file order of writes, as the kernel sent them (see [`WriteTicket`]).
+    write_order: Mutex<HashMap<u64, Arc<OrderGate>>>,
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     pub stats: Stats,
@@ -252,6 +296,7 @@ impl Vfs {
             }),
             namespace: RwLock::new(()),
             handles: Mutex::new(HashMap::new()),
+            write_order: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stats: Stats::default(),
@@ -648,7 +693,7 @@ impl Vfs {
         }
         self.touch_dir(parent);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, ino);
+        self.handles.lock().insert(fh, (ino, None));
         Ok((Entry { ino, attr }, fh))
     }
 
@@ -820,7 +865,7 @@ impl Vfs {
             return Err(e);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, ino);
+        self.handles.lock().insert(fh, (ino, None));
         Ok(fh)
     }
 
@@ -852,7 +897,34 @@ impl Vfs {
         Ok(data)
     }
 
+    /// Takes the next place in a file's write order; call it on the thread that received
+    /// the request, before handing the write to another task.
+    pub fn write_ticket(&self, ino: u64) -> WriteTicket {
+        let gate = self.write_order.lock().entry(ino).or_default().clone();
+        let n = gate.next.fetch_add(1, Ordering::AcqRel);
+        WriteTicket { gate, n }
+    }
+
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let ticket = self.write_ticket(ino);
+        self.write_in_order(ino, offset, data, ticket).await
+    }
+
+    /// A write applied in its ticket's turn.
+    pub async fn write_in_order(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        ticket: WriteTicket,
+    ) -> FsResult<u32> {
+        ticket.wait().await;
+        let result = self.write_now(ino, offset, data).await;
+        drop(ticket);
+        result
+    }
+
+    async fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
         let _ns = self.namespace.read().await;
         let (f, key, meta, unlinked) = self.file_of(ino)?;
@@ -942,6 +1014,25 @@ impl Vfs {
 
     pub async fn flush(&self, ino: u64) -> FsResult<()> {
         self.commit(ino).await
+    }
+
+    /// Records the process that opened a handle.
+    pub fn set_handle_owner(&self, fh: u64, pid: u32) {
+        if let Some(h) = self.handles.lock().get_mut(&fh) {
+            h.1 = Some(pid);
+        }
+    }
+
+    /// A flush (a close of one descriptor of the handle) by process `pid`. Only the process
+    /// that opened the handle commits: a child that inherited the descriptor across fork
+    /// closes it at exec, and committing then would cut a streaming write short every time
+    /// the writer runs a command. The last close (release) always commits.
+    pub async fn flush_from(&self, ino: u64, fh: u64, pid: u32) -> FsResult<()> {
+        let owner = self.handles.lock().get(&fh).and_then(|h| h.1);
+        match owner {
+            Some(p) if p != pid => Ok(()),
+            _ => self.commit(ino).await,
+        }
     }
 
     pub async fn fsync(&self, ino: u64) -> FsResult<()> {
@@ -1411,6 +1502,21 @@ impl Vfs {
         i.attr.ctime = SystemTime::now();
         i.meta_dirty = true;
         Ok(())
+    }
+
+    /// The mount's counters, one line.
+    pub fn stats_line(&self) -> String {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "stats: read {} bytes, wrote {} bytes, committed {} files, {} errors; chunk cache {} hits, {} misses, {} bytes held",
+            c(&self.stats.bytes_read),
+            c(&self.stats.bytes_written),
+            c(&self.stats.files_committed),
+            c(&self.stats.errors),
+            c(&self.cache.hits),
+            c(&self.cache.misses),
+            self.cache.bytes()
+        )
     }
 
     /// The path of an inode, for log messages.

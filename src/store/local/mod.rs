@@ -246,6 +246,39 @@ fn worst(key: &str, errors: Vec<(usize, io::Error)>) -> StoreError {
     }
 }
 
+/// Dirty data a write may leave in the page cache before it waits for writeback.
+const DIRTY_WINDOW: u64 = 32 << 20;
+
+/// Starts writeback of bytes `start..end` of a file being written and waits for what is more
+/// than [`DIRTY_WINDOW`] behind. Without this, a large upload leaves gigabytes of dirty pages
+/// until its final fsync, and the kernel's dirty limit then stalls every writer on the
+/// machine (other mounts' small fsyncs included). Failures here are only hints: the fsync at
+/// commit is what makes the data durable and reports errors.
+fn bound_dirty_data(f: &File, start: u64, end: u64) {
+    use std::os::unix::io::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: sync_file_range on an open descriptor with in-range offsets.
+    unsafe {
+        libc::sync_file_range(
+            fd,
+            start as i64,
+            (end - start) as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+        if end > DIRTY_WINDOW {
+            let upto = end - DIRTY_WINDOW;
+            libc::sync_file_range(
+                fd,
+                0,
+                upto as i64,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+        }
+    }
+}
+
 /// Pairs per-replica results with replica indices and keeps the failures.
 fn failures(
     results: Vec<io::Result<()>>,
@@ -388,11 +421,15 @@ impl Inner {
             }
             None => data,
         };
+        let start = w.written;
         w.written += data.len() as u64;
         w.sums.update(data);
+        let end = w.written;
         let results = for_each_parallel(&w.files, |(i, f, _)| {
             self.injected(*i)?;
-            (&*f).write_all(data)
+            (&*f).write_all(data)?;
+            bound_dirty_data(f, start, end);
+            Ok(())
         });
         let errors = failures(results, w.files.iter().map(|(i, _, _)| *i));
         if errors.is_empty() {
