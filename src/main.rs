@@ -94,6 +94,10 @@ struct MountArgs {
     /// Write logs to this file instead of standard error.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Verify every replica in the background every this many hours, repairing what is
+    /// missing or corrupt (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    scrub_interval: f64,
 }
 
 #[derive(Subcommand)]
@@ -368,6 +372,16 @@ fn mount(a: MountArgs) -> Result<()> {
         cache_bytes: a.cache_size << 20,
         cache_dir,
         fsname: format!("coffer:{}", source.display()),
+        scrub: (a.scrub_interval > 0.0)
+            .then(|| {
+                vol.local.clone().map(|l| {
+                    (
+                        l,
+                        std::time::Duration::from_secs_f64(a.scrub_interval * 3600.0),
+                    )
+                })
+            })
+            .flatten(),
     };
     coffer::mount::run(vol.store, vol.crypt, opts, || report_ready("ready\n"))
 }

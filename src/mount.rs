@@ -22,6 +22,8 @@ pub struct MountOptions {
     pub cache_bytes: usize,
     pub cache_dir: PathBuf,
     pub fsname: String,
+    /// Scrub (and repair) this local store in the background at this interval.
+    pub scrub: Option<(crate::store::local::LocalStore, Duration)>,
 }
 
 /// What the `-o` options ask of the kernel and of the vfs.
@@ -206,6 +208,30 @@ pub fn run(
             }
         })
     };
+    let scrubber = opts.scrub.clone().map(|(store, every)| {
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await; // the first tick is immediate: wait a whole interval first
+            loop {
+                tick.tick().await;
+                let s = store.clone();
+                // Versions younger than half an interval (at most ten minutes) may be puts in
+                // flight; the next round verifies them.
+                let min_age = (every / 2).min(Duration::from_secs(600));
+                let scrub = move || crate::store::local::scrub::scrub_live(&s, true, min_age);
+                match tokio::task::spawn_blocking(scrub).await {
+                    Ok(Ok(report)) => {
+                        for d in &report.damage {
+                            warn!("background scrub: {d:?}");
+                        }
+                        info!("background scrub: {}", report.summary());
+                    }
+                    Ok(Err(e)) => error!("background scrub failed: {e}"),
+                    Err(e) => error!("background scrub task failed: {e}"),
+                }
+            }
+        })
+    });
     ready();
     info!("mounted at {}", opts.mountpoint.display());
 
@@ -241,6 +267,9 @@ pub fn run(
         None => bg.join(),
     };
     flusher.abort();
+    if let Some(s) = scrubber {
+        s.abort();
+    }
     if let Err(e) = rt.block_on(vfs.flush_everything()) {
         error!("committing open files at unmount: {e}");
     }

@@ -467,3 +467,40 @@ fn a_writer_that_forks_keeps_streaming() {
     );
     assert!(!log.contains("while streaming"), "{log}");
 }
+
+#[test]
+fn background_scrub_repairs_a_corrupt_replica_while_mounted() {
+    require_fuse();
+    let s = TestStore::new(2);
+    // A scrub every 1.8 seconds.
+    let m = s.mount_with(&["--scrub-interval", "0.0005"]);
+    fs::write(m.p("precious"), vec![9u8; 300_000]).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let dir = s.replica(1).join("objects/precious/%v");
+    let data = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "d"))
+        .unwrap();
+    let mut b = fs::read(&data).unwrap();
+    b[7] ^= 0x40;
+    fs::write(&data, b).unwrap();
+    let start = std::time::Instant::now();
+    while !m.log_text().contains("corrupt replicas: 1") {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "no background scrub found the damage:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let log = m.unmount();
+    assert!(
+        log.contains("precious") && log.contains("repaired: 1"),
+        "{log}"
+    );
+    let out = run(std::process::Command::new(coffer_bin())
+        .arg("scrub")
+        .arg(&s.store));
+    assert!(out.contains("corrupt replicas: 0"), "{out}");
+}

@@ -58,6 +58,12 @@ pub struct LocalStore {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 struct Inner {
     store_id: String,
     replicas: Vec<Replica>,

@@ -73,10 +73,30 @@ pub fn scrub(
     repair: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<ScrubReport> {
+    scrub_with(store, repair, None, progress)
+}
+
+/// Scrubs a store that a mount is writing to: verifies and repairs versions older than
+/// `min_age` (younger ones may still be being written by a put), and leaves temporary and
+/// record-less files alone (they may be puts in flight).
+pub fn scrub_live(
+    store: &LocalStore,
+    repair: bool,
+    min_age: std::time::Duration,
+) -> io::Result<ScrubReport> {
+    scrub_with(store, repair, Some(min_age), &mut |_, _| {})
+}
+
+fn scrub_with(
+    store: &LocalStore,
+    repair: bool,
+    live: Option<std::time::Duration>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<ScrubReport> {
     let inner = &store.inner;
     let mut report = ScrubReport::default();
 
-    for r in inner.online() {
+    for r in inner.online().filter(|_| live.is_none()) {
         for entry in fs::read_dir(&r.tmp)? {
             let path = entry?.path();
             report.damage.push(Damage::Orphan {
@@ -95,7 +115,7 @@ pub fn scrub(
     let total = keys.len() as u64;
     for (done, key) in keys.into_iter().enumerate() {
         report.keys += 1;
-        scrub_key(store, &key, repair, &mut report)?;
+        scrub_key(store, &key, repair, live, &mut report)?;
         progress(done as u64 + 1, total);
     }
     Ok(report)
@@ -105,6 +125,7 @@ fn scrub_key(
     store: &LocalStore,
     key: &str,
     repair: bool,
+    live: Option<std::time::Duration>,
     report: &mut ScrubReport,
 ) -> io::Result<()> {
     let inner = &store.inner;
@@ -127,7 +148,12 @@ fn scrub_key(
         }
         // Data files whose record never landed (a put cut short by a crash).
         let dir = r.versions_dir(key);
-        if let Ok(entries) = fs::read_dir(&dir) {
+        let listing = if live.is_some() {
+            None
+        } else {
+            fs::read_dir(&dir).ok()
+        };
+        if let Some(entries) = listing {
             for entry in entries {
                 let name = entry?.file_name();
                 let Some(id) = name.to_str().and_then(|n| n.strip_suffix(DATA_SUFFIX)) else {
@@ -147,7 +173,12 @@ fn scrub_key(
             }
         }
     }
+    let cutoff = live.map(|age| super::now_ns().saturating_sub(age.as_nanos() as u64));
     for (v, statuses) in versions {
+        let written = u64::from_str_radix(v.id.get(..16).unwrap_or(""), 16).unwrap_or(0);
+        if cutoff.is_some_and(|c| written > c) {
+            continue;
+        }
         report.versions += 1;
         let mut good = None;
         let mut bad = Vec::new();
