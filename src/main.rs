@@ -44,6 +44,21 @@ enum Command {
     Versions(ReadArgs),
     /// Make an earlier version of a file the current one again.
     Restore(RestoreArgs),
+    /// Delete old versions: keep the newest --keep of each file, and of the others delete
+    /// those older than --older-than-days (all of them without it).
+    Prune(PruneArgs),
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    source: PathBuf,
+    /// Only files under this path.
+    #[arg(default_value = "")]
+    path: String,
+    #[arg(long)]
+    keep: usize,
+    #[arg(long)]
+    older_than_days: Option<f64>,
 }
 
 #[derive(Args)]
@@ -256,6 +271,7 @@ fn main() {
         Command::Scrub(a) => scrub_cmd(a),
         Command::Versions(a) => versions(a),
         Command::Restore(a) => restore(a),
+        Command::Prune(a) => prune(a),
     };
     if let Err(e) = result {
         report_ready(&format!("error: {e:#}"));
@@ -561,5 +577,21 @@ fn restore(a: RestoreArgs) -> Result<()> {
         a.version,
         info.version_id.unwrap_or_default()
     );
+    Ok(())
+}
+
+fn prune(a: PruneArgs) -> Result<()> {
+    if a.keep == 0 {
+        bail!("--keep must be at least 1 (the current version)");
+    }
+    let _lock = volume::lock_store(&a.source, true)?;
+    let cfg = volume::VolumeConfig::read(&a.source)?;
+    let store = coffer::store::local::LocalStore::open(&cfg.local_store_config(&a.source)?)
+        .map_err(|e| anyhow!("{e}"))?;
+    let older = a
+        .older_than_days
+        .map(|d| std::time::Duration::from_secs_f64(d * 86400.0));
+    let n = runtime()?.block_on(store.prune_versions(a.path.trim_matches('/'), a.keep, older))?;
+    println!("pruned {n} versions");
     Ok(())
 }
