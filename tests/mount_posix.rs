@@ -504,3 +504,38 @@ fn background_scrub_repairs_a_corrupt_replica_while_mounted() {
         .arg(&s.store));
     assert!(out.contains("corrupt replicas: 0"), "{out}");
 }
+
+#[test]
+fn sequential_reads_are_served_by_read_ahead() {
+    require_fuse();
+    let s = TestStore::new(1);
+    let m = s.mount();
+    let data: Vec<u8> = (0..(48u32 << 20)).map(|i| (i % 253) as u8).collect();
+    fs::write(m.p("seq"), &data).unwrap();
+    m.unmount();
+    let m = s.mount();
+    let mut back = Vec::new();
+    let mut f = fs::File::open(m.p("seq")).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        back.extend_from_slice(&buf[..n]);
+    }
+    assert!(back == data, "sequential read returned different bytes");
+    drop(f);
+    let log = m.unmount();
+    let hits: u64 = log
+        .lines()
+        .find_map(|l| l.split("chunk cache ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stats line:\n{log}"));
+    // Without read-ahead every chunk of a first read is a miss.
+    assert!(
+        hits > 48 * 16 / 4,
+        "only {hits} of 768 chunks came from read-ahead:\n{log}"
+    );
+}

@@ -21,7 +21,7 @@ use crate::store::{GetOptions, Metadata, ObjectInfo, ObjectStore, PutOptions, Ss
 pub struct FileCtx<'a> {
     pub store: &'a Arc<dyn ObjectStore>,
     pub crypt: &'a Crypt,
-    pub cache: &'a ChunkCache,
+    pub cache: &'a Arc<ChunkCache>,
     pub staging_dir: &'a PathBuf,
     pub staging_key: &'a StagingKey,
     pub sse: &'a Sse,
@@ -41,8 +41,24 @@ struct Staged {
     staging: Option<StagingFile>,
 }
 
+/// Read-ahead of one file: a window that doubles with each sequential read.
+#[derive(Default)]
+struct ReadAhead {
+    /// Where the next sequential read would start.
+    next: u64,
+    window: u64,
+    /// Prefetched (or being prefetched) up to here.
+    fetched_to: u64,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+const READ_AHEAD_START: u64 = 1 << 20;
+/// Most read-ahead per sequential reader: bounds its memory beyond the chunk cache.
+const READ_AHEAD_MAX: u64 = 16 << 20;
+
 pub struct FileData {
     content: Content,
+    read_ahead: ReadAhead,
     /// The committed object, opened lazily for reads.
     committed: Option<Arc<CommittedObject>>,
     /// Size of the committed object's plaintext (0 if none).
@@ -56,6 +72,7 @@ impl FileData {
     pub fn existing(size: u64) -> FileData {
         FileData {
             content: Content::Clean,
+            read_ahead: ReadAhead::default(),
             committed: None,
             committed_size: size,
             exists: true,
@@ -70,6 +87,7 @@ impl FileData {
                 size: 0,
                 staging: None,
             }),
+            read_ahead: ReadAhead::default(),
             committed: None,
             committed_size: 0,
             exists: false,
@@ -127,7 +145,9 @@ impl FileData {
         match &self.content {
             Content::Clean => {
                 let obj = self.committed(ctx, key).await?;
-                obj.read(ctx.store.as_ref(), ctx.cache, offset..end).await
+                let data = obj.read(ctx.store.as_ref(), ctx.cache, offset..end).await?;
+                self.read_ahead(ctx, &obj, offset, end);
+                Ok(data)
             }
             Content::Staged(_) => {
                 let chunk = ctx.crypt.geometry().chunk;
@@ -143,6 +163,35 @@ impl FileData {
             }
             Content::Streaming(_) => unreachable!("committed above"),
         }
+    }
+
+    /// After a read of `offset..end`: when reads are sequential, fetches the next window into
+    /// the chunk cache in the background (one fetch in flight per file).
+    fn read_ahead(&mut self, ctx: &FileCtx<'_>, obj: &Arc<CommittedObject>, offset: u64, end: u64) {
+        let ra = &mut self.read_ahead;
+        if offset == ra.next {
+            ra.window = (ra.window * 2).clamp(READ_AHEAD_START, READ_AHEAD_MAX);
+        } else {
+            ra.window = 0;
+            ra.fetched_to = 0;
+        }
+        ra.next = end;
+        if ra.window == 0 || ra.task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let from = end.max(ra.fetched_to);
+        let to = (end + ra.window).min(obj.plain_size);
+        if from >= to {
+            return;
+        }
+        ra.fetched_to = to;
+        let g = obj.cipher.geometry();
+        let chunks = g.chunks_of(from..to, obj.plain_size);
+        let (obj, store, cache) = (obj.clone(), ctx.store.clone(), ctx.cache.clone());
+        ra.task = Some(tokio::spawn(async move {
+            // A failed prefetch is only a missed optimisation: the read itself reports errors.
+            let _ = obj.read_chunks(store.as_ref(), &cache, chunks).await;
+        }));
     }
 
     /// The current plaintext of chunk `i` of a staged file (zeros past the base's valid

@@ -241,7 +241,7 @@ pub struct SetAttr {
 pub struct Vfs {
     store: Arc<dyn ObjectStore>,
     crypt: Crypt,
-    cache: ChunkCache,
+    cache: Arc<ChunkCache>,
     staging_key: StagingKey,
     cfg: VfsConfig,
     table: Mutex<Table>,
@@ -285,7 +285,7 @@ impl Vfs {
         let mut inodes = HashMap::new();
         inodes.insert(ROOT, root);
         Arc::new(Vfs {
-            cache: ChunkCache::new(cfg.cache_bytes),
+            cache: Arc::new(ChunkCache::new(cfg.cache_bytes)),
             store,
             crypt,
             staging_key: StagingKey::generate(),
