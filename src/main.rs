@@ -100,6 +100,10 @@ struct MountArgs {
     /// Memory for decrypted chunks, in MiB.
     #[arg(long, default_value_t = 256)]
     cache_size: usize,
+    /// Memory for caches and buffers together, in MiB: writers slow down and the cache
+    /// shrinks to stay within it.
+    #[arg(long, default_value_t = 1024)]
+    memory_limit: usize,
     /// Directory for staged (encrypted) changes of files being rewritten.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -386,6 +390,7 @@ fn mount(a: MountArgs) -> Result<()> {
         mountpoint,
         options: a.options,
         cache_bytes: a.cache_size << 20,
+        memory_limit: a.memory_limit << 20,
         cache_dir,
         fsname: format!("coffer:{}", source.display()),
         scrub: (a.scrub_interval > 0.0)

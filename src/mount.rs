@@ -20,6 +20,9 @@ pub struct MountOptions {
     /// `-o` options as given (comma-separated lists flattened).
     pub options: Vec<String>,
     pub cache_bytes: usize,
+    /// Memory for caches and buffers: half for write buffers, the chunk cache within the
+    /// other half.
+    pub memory_limit: usize,
     pub cache_dir: PathBuf,
     pub fsname: String,
     /// Scrub (and repair) this local store in the background at this interval.
@@ -172,11 +175,12 @@ pub fn run(
     let cfg = VfsConfig {
         prefix: String::new(),
         defaults: parsed.defaults,
-        cache_bytes: opts.cache_bytes,
+        cache_bytes: opts.cache_bytes.min(opts.memory_limit / 2),
         staging_dir: staging_dir.clone(),
         sse: Default::default(),
         read_only: parsed.read_only,
         meta_flush_interval: Duration::from_secs(1),
+        write_buffer_bytes: Some(opts.memory_limit / 2),
     };
     info!(
         "mounting {} at {}",

@@ -539,3 +539,44 @@ fn sequential_reads_are_served_by_read_ahead() {
         "only {hits} of 768 chunks came from read-ahead:\n{log}"
     );
 }
+
+#[test]
+fn many_large_files_written_at_once_stay_within_the_memory_limit() {
+    require_fuse();
+    let s = TestStore::new(1);
+    let m = s.mount_with(&["--memory-limit", "96"]);
+    let writers: Vec<_> = (0..6)
+        .map(|i| {
+            let p = m.p(&format!("w{i}"));
+            std::thread::spawn(move || {
+                let mut f = fs::File::create(&p).unwrap();
+                let block = vec![i as u8; 1 << 20];
+                for _ in 0..64 {
+                    f.write_all(&block).unwrap();
+                }
+                f.sync_all().unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let peak = m.peak_rss_kib();
+    for i in 0..6 {
+        let d = fs::read(m.p(&format!("w{i}"))).unwrap();
+        assert!(
+            d.len() == 64 << 20 && d.iter().all(|&b| b == i as u8),
+            "file {i}"
+        );
+    }
+    eprintln!(
+        "peak RSS with 6 writers under a 96 MiB limit: {} MiB",
+        peak / 1024
+    );
+    // The limit covers buffers and caches; the process itself adds some tens of MiB.
+    assert!(
+        peak < 160 * 1024,
+        "peak RSS {} MiB under a 96 MiB limit",
+        peak / 1024
+    );
+}

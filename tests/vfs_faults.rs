@@ -30,6 +30,7 @@ fn vfs(store: Arc<dyn ObjectStore>, staging: &std::path::Path) -> Arc<Vfs> {
             sse: Default::default(),
             read_only: false,
             meta_flush_interval: Duration::from_secs(1),
+            write_buffer_bytes: None,
         },
     )
 }

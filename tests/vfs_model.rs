@@ -304,6 +304,7 @@ fn new_vfs(store: Arc<dyn ObjectStore>, staging: &Path) -> Arc<Vfs> {
             sse: Default::default(),
             read_only: false,
             meta_flush_interval: Duration::from_secs(1),
+            write_buffer_bytes: None,
         },
     )
 }

@@ -2,6 +2,7 @@
 //! streaming uploads and the encrypted staging of random writes.
 
 pub mod chunk_cache;
+pub mod memory;
 pub mod reader;
 pub mod staging;
 pub mod upload;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::memory::{MemoryBudget, Reservation};
 use crate::crypt::ObjectCipher;
 use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits, StoreResult};
 
@@ -42,8 +43,11 @@ pub struct StreamingWriter {
     parts_sent: u64,
     header_sent: bool,
     written: u64,
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<mpsc::Sender<(Bytes, Reservation)>>,
     uploader: Option<JoinHandle<StoreResult<ObjectInfo>>>,
+    /// The global write-buffer budget, and what this writer holds of it for `pending`.
+    budget: Option<Arc<MemoryBudget>>,
+    held: Reservation,
 }
 
 impl StreamingWriter {
@@ -67,15 +71,24 @@ impl StreamingWriter {
             written: 0,
             tx: None,
             uploader: None,
+            budget: None,
+            held: Reservation::none(),
         }
+    }
+
+    /// Counts this writer's buffers against a global budget.
+    pub fn with_budget(mut self, budget: Option<Arc<MemoryBudget>>) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Starts the multipart upload and the task that feeds it parts.
     async fn start_upload(&mut self) -> StoreResult<()> {
         let mut upload = self.store.create_upload(&self.key, &self.opts).await?;
-        let (tx, mut rx) = mpsc::channel::<Bytes>(PARTS_IN_FLIGHT);
+        let (tx, mut rx) = mpsc::channel::<(Bytes, Reservation)>(PARTS_IN_FLIGHT);
         self.uploader = Some(tokio::spawn(async move {
-            while let Some(part) = rx.recv().await {
+            // Each part's budget is returned once the store has it.
+            while let Some((part, _reservation)) = rx.recv().await {
                 if let Err(e) = upload.put_part(part).await {
                     let _ = upload.abort().await;
                     return Err(e);
@@ -99,6 +112,14 @@ impl StreamingWriter {
     /// Appends plaintext. Seals and sends whole parts, always holding back at least one byte
     /// so that the final chunk is sealed with the last-chunk flag by [`Self::finish`].
     pub async fn append(&mut self, data: &[u8]) -> StoreResult<()> {
+        if let Some(b) = &self.budget
+            && self.held.bytes() == 0
+        {
+            // A whole part's budget at once (sealing doubles it for a moment, and one more
+            // write may land before it is sent): a writer that waits holds nothing, so
+            // writers never wait on each other's partial reservations.
+            self.held = b.reserve(2 * (self.part_size() + (1 << 20))).await;
+        }
         self.pending.extend_from_slice(data);
         self.written += data.len() as u64;
         while self.pending.len() > self.part_size() {
@@ -139,7 +160,9 @@ impl StreamingWriter {
             self.start_upload().await?;
         }
         let tx = self.tx.as_ref().expect("upload started above");
-        if tx.send(Bytes::from(sealed)).await.is_err() {
+        // The part takes this writer's budget with it; the next part reserves anew.
+        let reservation = std::mem::replace(&mut self.held, Reservation::none());
+        if tx.send((Bytes::from(sealed), reservation)).await.is_err() {
             // The uploader stopped: its result says why.
             return Err(self
                 .join()

@@ -25,6 +25,7 @@ pub struct FileCtx<'a> {
     pub staging_dir: &'a PathBuf,
     pub staging_key: &'a StagingKey,
     pub sse: &'a Sse,
+    pub budget: &'a Option<Arc<crate::cache::memory::MemoryBudget>>,
 }
 
 enum Content {
@@ -266,7 +267,8 @@ impl FileData {
                 sse: ctx.sse.clone(),
                 checksum: None,
             };
-            let w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher);
+            let w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher)
+                .with_budget(ctx.budget.clone());
             self.content = Content::Streaming(w);
             if let Content::Streaming(w) = &mut self.content {
                 return w.append(data).await.map_err(FsError::from);
@@ -425,7 +427,8 @@ impl FileData {
             sse: ctx.sse.clone(),
             checksum: None,
         };
-        let mut w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher);
+        let mut w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher)
+            .with_budget(ctx.budget.clone());
         let g = ctx.crypt.geometry();
         let size = self.size();
         for i in 0..size.div_ceil(g.chunk) {

@@ -51,6 +51,8 @@ pub struct VfsConfig {
     /// How often changed attributes are written back (they are also written on fsync,
     /// rename and unmount).
     pub meta_flush_interval: Duration,
+    /// Memory for write buffers across all files; writers wait when it is spent.
+    pub write_buffer_bytes: Option<usize>,
 }
 
 /// Counters for `coffer stats` and the logs.
@@ -243,6 +245,7 @@ pub struct Vfs {
     crypt: Crypt,
     cache: Arc<ChunkCache>,
     staging_key: StagingKey,
+    budget: Option<Arc<crate::cache::memory::MemoryBudget>>,
     cfg: VfsConfig,
     table: Mutex<Table>,
     namespace: RwLock<()>,
@@ -289,6 +292,9 @@ impl Vfs {
             store,
             crypt,
             staging_key: StagingKey::generate(),
+            budget: cfg
+                .write_buffer_bytes
+                .map(crate::cache::memory::MemoryBudget::new),
             cfg,
             table: Mutex::new(Table {
                 inodes,
@@ -319,6 +325,7 @@ impl Vfs {
             staging_dir: &self.cfg.staging_dir,
             staging_key: &self.staging_key,
             sse: &self.cfg.sse,
+            budget: &self.budget,
         }
     }
 
