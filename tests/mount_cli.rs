@@ -157,3 +157,50 @@ fn a_file_wrapped_by_a_key_the_mount_lacks_gives_eacces() {
     let log = m.unmount();
     assert!(log.contains("new") && log.contains("pass --key"), "{log}");
 }
+
+/// Runs `sh -c script` as user and group 65534 (nobody); returns whether it succeeded and
+/// its standard error.
+fn as_nobody(script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn allow_other_with_default_permissions_checks_every_user() {
+    require_fuse();
+    require_tool("setpriv", "util-linux");
+    let s = TestStore::new(1);
+    // Other users must be able to reach the mount point.
+    fs::set_permissions(s.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = s.mount_with(&["-o", "allow_other,default_permissions"]);
+    fs::write(m.p("public"), b"everyone").unwrap();
+    fs::set_permissions(m.p("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(m.p("private"), b"root only").unwrap();
+    fs::set_permissions(m.p("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    let p = |n: &str| m.p(n).display().to_string();
+    assert!(as_nobody(&format!("cat '{}'", p("public"))).0);
+    let (ok, err) = as_nobody(&format!("cat '{}'", p("private")));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_nobody(&format!("echo x > '{}'", p("public")));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_nobody(&format!("touch '{}'", p("new")));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    m.unmount();
+    // Without allow_other, other users cannot enter the mount at all.
+    let m = s.mount();
+    let (ok, _) = as_nobody(&format!("cat '{}'", m.p("public").display()));
+    assert!(!ok);
+}
