@@ -29,21 +29,24 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The golden objects of format version 1: name and plaintext.
+fn golden_cases() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("v1-empty", Vec::new()),
+        ("v1-small", b"coffer golden object, format 1\n".to_vec()),
+        (
+            "v1-multi",
+            (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+        ),
+    ]
+}
+
 /// Golden objects of format version 1, written once and committed: read forever after.
 #[test]
 fn golden_objects_of_version_1_still_read() {
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let c = Crypt::new(Mode::Client(ring(0x42)), 16);
-    for (name, expected) in [
-        ("v1-empty", Vec::new()),
-        ("v1-small", b"coffer golden object, format 1\n".to_vec()),
-        (
-            "v1-multi",
-            (0..200_000u32)
-                .map(|i| (i % 251) as u8)
-                .collect::<Vec<u8>>(),
-        ),
-    ] {
+    for (name, expected) in golden_cases() {
         let body = std::fs::read(golden.join(format!("{name}.body"))).unwrap_or_else(|e| {
             panic!("{name}.body: {e} (written by the ignored test write_golden_objects)")
         });
@@ -63,16 +66,7 @@ fn golden_objects_of_version_1_still_read() {
 fn write_golden_objects() {
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let c = Crypt::new(Mode::Client(ring(0x42)), 16);
-    for (name, data) in [
-        ("v1-empty", Vec::new()),
-        ("v1-small", b"coffer golden object, format 1\n".to_vec()),
-        (
-            "v1-multi",
-            (0..200_000u32)
-                .map(|i| (i % 251) as u8)
-                .collect::<Vec<u8>>(),
-        ),
-    ] {
+    for (name, data) in golden_cases() {
         let (body, meta) = rt().block_on(encrypt_all(&c, &data)).unwrap();
         std::fs::write(golden.join(format!("{name}.body")), body).unwrap();
         std::fs::write(

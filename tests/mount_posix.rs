@@ -455,12 +455,7 @@ fn a_writer_that_forks_keeps_streaming() {
     }
     drop(f);
     let log = m.unmount();
-    let committed = log
-        .lines()
-        .find_map(|l| l.split("committed ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("no stats line in the log:\n{log}"));
+    let committed = stat(&log, "committed ");
     assert_eq!(
         committed, 1,
         "the file was committed {committed} times:\n{log}"
@@ -527,12 +522,7 @@ fn sequential_reads_are_served_by_read_ahead() {
     assert!(back == data, "sequential read returned different bytes");
     drop(f);
     let log = m.unmount();
-    let hits: u64 = log
-        .lines()
-        .find_map(|l| l.split("chunk cache ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no stats line:\n{log}"));
+    let hits = stat(&log, "chunk cache ");
     // Without read-ahead every chunk of a first read is a miss.
     assert!(
         hits > 48 * 16 / 4,

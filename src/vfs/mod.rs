@@ -517,14 +517,18 @@ impl Vfs {
         Ok(())
     }
 
-    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Entry> {
+    /// The inode of an existing entry of a directory (ENOENT if there is none).
+    async fn existing_child(&self, parent: u64, name: &str) -> FsResult<u64> {
         check_name(name)?;
         self.ensure_loaded(parent).await?;
-        let ino = self
-            .table
+        self.table
             .lock()
             .child(parent, name)?
-            .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+            .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Entry> {
+        let ino = self.existing_child(parent, name).await?;
         self.ensure_attr(ino).await?;
         let mut t = self.table.lock();
         let i = t.get_mut(ino)?;
@@ -775,13 +779,7 @@ impl Vfs {
     /// Removes a name: files and symlinks (`dir == false`) or empty directories.
     async fn remove(&self, parent: u64, name: &str, dir: bool) -> FsResult<()> {
         self.check_writable()?;
-        check_name(name)?;
-        self.ensure_loaded(parent).await?;
-        let ino = self
-            .table
-            .lock()
-            .child(parent, name)?
-            .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+        let ino = self.existing_child(parent, name).await?;
         if dir {
             self.ensure_loaded(ino).await?;
         }

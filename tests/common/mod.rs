@@ -333,3 +333,12 @@ pub fn assert_trees_equal(a: &Path, b: &Path) {
     };
     assert_eq!(norm(&la), norm(&lb), "trees differ in attributes");
 }
+
+/// A counter from the stats line a mount logs at unmount, e.g. `stat(log, "committed ")`.
+pub fn stat(log: &str, after: &str) -> u64 {
+    log.lines()
+        .find_map(|l| l.split(after).nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {after:?} in the mount's stats line:\n{log}"))
+}
