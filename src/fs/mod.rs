@@ -47,6 +47,20 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<crate::vfs::Entry, FsError>) {
+    match r {
+        Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn name_str(name: &OsStr) -> Result<String, Errno> {
     match std::str::from_utf8(name.as_bytes()) {
         Ok(s) => Ok(s.to_string()),
@@ -117,12 +131,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(|vfs| async move {
-            match vfs.lookup(parent.0, &name).await {
-                Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_entry(reply, vfs.lookup(parent.0, &name).await) });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -210,13 +219,8 @@ impl Filesystem for CofferFs {
         };
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(|vfs| async move {
-            match vfs
-                .mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid)
-                .await
-            {
-                Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let made = vfs.mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid);
+            reply_entry(reply, made.await)
         });
     }
 
@@ -225,12 +229,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(|vfs| async move {
-            match vfs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_empty(reply, vfs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -238,12 +237,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(|vfs| async move {
-            match vfs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_empty(reply, vfs.rmdir(parent.0, &name).await) });
     }
 
     fn symlink(
@@ -260,10 +254,7 @@ impl Filesystem for CofferFs {
         };
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(|vfs| async move {
-            match vfs.symlink(parent.0, &name, &target, uid, gid).await {
-                Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            reply_entry(reply, vfs.symlink(parent.0, &name, &target, uid, gid).await)
         });
     }
 
@@ -375,12 +366,7 @@ impl Filesystem for CofferFs {
         reply: ReplyEmpty,
     ) {
         let pid = req.pid();
-        self.spawn(|vfs| async move {
-            match vfs.flush_from(ino.0, fh.0, pid).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_empty(reply, vfs.flush_from(ino.0, fh.0, pid).await) });
     }
 
     fn release(
@@ -393,12 +379,7 @@ impl Filesystem for CofferFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|vfs| async move {
-            match vfs.release(ino.0, fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_empty(reply, vfs.release(ino.0, fh.0).await) });
     }
 
     fn fsync(
@@ -409,12 +390,7 @@ impl Filesystem for CofferFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|vfs| async move {
-            match vfs.fsync(ino.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_empty(reply, vfs.fsync(ino.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -576,10 +552,7 @@ impl Filesystem for CofferFs {
         };
         let value = value.to_vec();
         self.spawn(|vfs| async move {
-            match vfs.setxattr(ino.0, &name, &value, flags).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            reply_empty(reply, vfs.setxattr(ino.0, &name, &value, flags).await)
         });
     }
 
@@ -625,12 +598,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
-        self.spawn(|vfs| async move {
-            match vfs.removexattr(ino.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|vfs| async move { reply_empty(reply, vfs.removexattr(ino.0, &name).await) });
     }
 
     fn ioctl(

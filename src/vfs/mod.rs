@@ -368,6 +368,20 @@ impl Vfs {
         Ok(())
     }
 
+    /// Stores a directory's marker object (empty, with the directory's attributes).
+    async fn put_dir_marker(
+        &self,
+        key: &str,
+        metadata: Metadata,
+    ) -> Result<crate::store::ObjectInfo, StoreError> {
+        let opts = PutOptions {
+            metadata,
+            sse: self.cfg.sse.clone(),
+            checksum: None,
+        };
+        self.store.put(key, bytes::Bytes::new(), &opts).await
+    }
+
     /// The metadata an inode is stored with: its attributes and xattrs.
     fn metadata_of(inode: &Inode) -> Metadata {
         let mut m = Metadata::new();
@@ -669,12 +683,7 @@ impl Vfs {
         }
         let mut meta = Metadata::new();
         attr.to_metadata(&mut meta);
-        let opts = PutOptions {
-            metadata: meta,
-            sse: self.cfg.sse.clone(),
-            checksum: None,
-        };
-        if let Err(e) = self.store.put(&key, bytes::Bytes::new(), &opts).await {
+        if let Err(e) = self.put_dir_marker(&key, meta).await {
             self.unreserve(parent, name, ino);
             return Err(e.into());
         }
@@ -1131,17 +1140,7 @@ impl Vfs {
             (i.attr.kind, key, Self::metadata_of(i), i.file.clone())
         };
         let result = match kind {
-            Kind::Dir => {
-                let opts = PutOptions {
-                    metadata: meta,
-                    sse: self.cfg.sse.clone(),
-                    checksum: None,
-                };
-                self.store
-                    .put(&key, bytes::Bytes::new(), &opts)
-                    .await
-                    .map(|_| ())
-            }
+            Kind::Dir => self.put_dir_marker(&key, meta).await.map(|_| ()),
             _ => {
                 if let Some(f) = &file {
                     let fd = f.lock().await;
@@ -1402,14 +1401,7 @@ impl Vfs {
         if !keys.contains(&old_prefix) {
             // An implicit directory: give the new one a marker with its attributes.
             let meta = Self::metadata_of(self.table.lock().get(ino)?);
-            let opts = PutOptions {
-                metadata: meta,
-                sse: self.cfg.sse.clone(),
-                checksum: None,
-            };
-            self.store
-                .put(&new_prefix, bytes::Bytes::new(), &opts)
-                .await?;
+            self.put_dir_marker(&new_prefix, meta).await?;
         }
         keys.sort();
         for key in &keys {
