@@ -125,6 +125,17 @@ enum KeyCommand {
     New { file: PathBuf },
     /// Print the id of a root key file (the id stores and error messages name).
     Id { file: PathBuf },
+    /// Rewrap every object's data key under a new root key (metadata only: no data moves).
+    /// Resumable: run it again after an interruption.
+    Rotate {
+        source: PathBuf,
+        /// The new root key file.
+        #[arg(long)]
+        to: PathBuf,
+        /// The current root key file(s).
+        #[arg(long)]
+        key: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -267,6 +278,7 @@ fn main() {
         Command::Init(a) => init(a),
         Command::Mount(a) => mount(a),
         Command::Key(KeyCommand::New { file }) => key_new(&file),
+        Command::Key(KeyCommand::Rotate { source, to, key }) => key_rotate(&source, &to, &key),
         Command::Key(KeyCommand::Id { file }) => RootKey::read(&file)
             .map(|k| println!("{}", k.id_hex()))
             .map_err(|e| anyhow!("{e}")),
@@ -598,5 +610,48 @@ fn prune(a: PruneArgs) -> Result<()> {
         .map(|d| std::time::Duration::from_secs_f64(d * 86400.0));
     let n = runtime()?.block_on(store.prune_versions(a.path.trim_matches('/'), a.keep, older))?;
     println!("pruned {n} versions");
+    Ok(())
+}
+
+fn key_rotate(source: &Path, to: &Path, keys: &[PathBuf]) -> Result<()> {
+    use coffer::crypt::keys::KeyProvider;
+    let _lock = volume::lock_store(source, true)?;
+    let vol = volume::open_local(source, keys)?;
+    let from: Arc<dyn KeyProvider> =
+        vol.crypt.provider().cloned().ok_or_else(|| {
+            anyhow!("this store is not encrypted on the client: nothing to rotate")
+        })?;
+    let new: Arc<dyn KeyProvider> = Arc::new(volume::load_keys(&[to.to_path_buf()])?);
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} objects ({eta} left)")
+                .expect("valid template"),
+        );
+        b
+    });
+    let report = runtime()?.block_on(coffer::crypt::rotate::rotate(
+        vol.store.as_ref(),
+        "",
+        &from,
+        &new,
+        &mut |done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        },
+    ))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    // From now on the store expects the new key.
+    let mut cfg = vol.config.clone();
+    cfg.encryption.key_ids = new.key_ids();
+    volume::write_config(source, &cfg)?;
+    println!(
+        "rotated: {} objects, {} rewrapped, {} already under the new key, {} not encrypted",
+        report.objects, report.rewrapped, report.already_current, report.unencrypted
+    );
     Ok(())
 }

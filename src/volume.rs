@@ -302,6 +302,11 @@ pub fn record_writer_key(path: &Path, vol: &Volume) -> Result<()> {
     }
     let mut cfg = vol.config.clone();
     cfg.encryption.key_ids.push(writer);
+    write_config(path, &cfg)
+}
+
+/// Replaces a store's config file atomically.
+pub fn write_config(path: &Path, cfg: &VolumeConfig) -> Result<()> {
     let file = path.join(CONFIG_FILE);
     let tmp = path.join(format!("{CONFIG_FILE}.tmp"));
     let _ = fs::remove_file(&tmp);
@@ -311,7 +316,7 @@ pub fn record_writer_key(path: &Path, vol: &Volume) -> Result<()> {
             .create_new(true)
             .mode(0o644)
             .open(&tmp)?;
-        f.write_all(toml::to_string_pretty(&cfg)?.as_bytes())?;
+        f.write_all(toml::to_string_pretty(cfg)?.as_bytes())?;
         f.sync_all()?;
     }
     fs::rename(&tmp, &file)?;

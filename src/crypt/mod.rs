@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod error;
 pub mod format;
 pub mod keys;
+pub mod rotate;
 
 use std::sync::Arc;
 
