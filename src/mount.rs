@@ -270,7 +270,10 @@ pub fn run(
         }
         None => bg.join(),
     };
+    // Stop the background flusher before the last flush; what it had not written yet is
+    // still marked dirty and goes out with that flush.
     flusher.abort();
+    let _ = rt.block_on(flusher);
     if let Some(s) = scrubber {
         s.abort();
     }

@@ -474,6 +474,8 @@ impl Filesystem for CofferFs {
                 )
             } else {
                 let (cino, name, attr) = &entries[idx - 2];
+                let current = self.vfs.current_attr(*cino);
+                let attr = current.as_ref().unwrap_or(attr);
                 let full = reply.add(
                     INodeNo(*cino),
                     (idx + 1) as u64,

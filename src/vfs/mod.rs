@@ -614,6 +614,13 @@ impl Vfs {
         self.dir_handles.lock().remove(&fh);
     }
 
+    /// An inode's attributes as they are now (readdirplus must not hand the kernel the
+    /// attributes of its opendir snapshot: a setattr since then would be undone in the
+    /// kernel's cache).
+    pub fn current_attr(&self, ino: u64) -> Option<Attr> {
+        self.table.lock().inodes.get(&ino).map(|i| i.attr.clone())
+    }
+
     /// Counts a kernel reference made by readdirplus.
     pub fn add_lookup(&self, ino: u64) {
         if let Some(i) = self.table.lock().inodes.get_mut(&ino) {
@@ -1132,13 +1139,15 @@ impl Vfs {
             if !i.meta_dirty || i.unlinked || ino == ROOT {
                 return Ok(());
             }
-            i.meta_dirty = false;
+            // The flag is cleared only once the store has the attributes (below): a flush
+            // cut short (an aborted flusher at unmount) must leave them to the next one.
             let key = match i.attr.kind {
                 Kind::Dir => self.dir_prefix(&path),
                 _ => self.file_key(&path),
             };
             (i.attr.kind, key, Self::metadata_of(i), i.file.clone())
         };
+        let written = meta.clone();
         let result = match kind {
             Kind::Dir => self.put_dir_marker(&key, meta).await.map(|_| ()),
             _ => {
@@ -1155,11 +1164,16 @@ impl Vfs {
                 self.copy_with_metadata(&key, &key, meta).await.map(|_| ())
             }
         };
-        if let Err(e) = &result {
-            error!("{key}: storing attributes failed: {e}");
-            if let Ok(i) = self.table.lock().get_mut(ino) {
-                i.meta_dirty = true;
+        match &result {
+            Ok(()) => {
+                // Clean only if nothing changed while the attributes were being written.
+                if let Ok(i) = self.table.lock().get_mut(ino)
+                    && Self::metadata_of(i) == written
+                {
+                    i.meta_dirty = false;
+                }
             }
+            Err(e) => error!("{key}: storing attributes failed: {e}"),
         }
         result.map_err(FsError::from)
     }
