@@ -1,39 +1,15 @@
 //! The vfs over the fault-injecting store: failures reach the caller as errnos at the right
 //! operation, tampered content is refused, and other files keep working.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use coffer::crypt::keys::{KeyRing, RootKey};
-use coffer::crypt::{Crypt, Mode};
+use std::sync::Arc;
+
 use coffer::store::ObjectStore;
 use coffer::store::faulty::{FaultKind, FaultPlan, FaultyStore};
 use coffer::store::memory::MemoryStore;
-use coffer::vfs::{Defaults, ROOT, Vfs, VfsConfig};
-use zeroize::Zeroizing;
-
-fn vfs(store: Arc<dyn ObjectStore>, staging: &std::path::Path) -> Arc<Vfs> {
-    let ring = KeyRing::new(vec![RootKey::from_bytes(Zeroizing::new([1; 32]))]).unwrap();
-    Vfs::new(
-        store,
-        Crypt::new(Mode::Client(Arc::new(ring)), 16),
-        VfsConfig {
-            prefix: String::new(),
-            defaults: Defaults {
-                uid: 0,
-                gid: 0,
-                file_perm: 0o644,
-                dir_perm: 0o755,
-            },
-            cache_bytes: 1 << 20,
-            staging_dir: staging.to_path_buf(),
-            sse: Default::default(),
-            read_only: false,
-            meta_flush_interval: Duration::from_secs(1),
-            write_buffer_bytes: None,
-        },
-    )
-}
+use coffer::vfs::{ROOT, Vfs};
+use common::test_vfs;
 
 async fn write_file(v: &Vfs, name: &str, data: &[u8]) -> Result<(), i32> {
     let (e, fh) = v
@@ -57,7 +33,7 @@ async fn store_failures_surface_as_errnos_and_other_files_keep_working() {
     let staging = tempfile::tempdir().unwrap();
     let mem = MemoryStore::new(false);
     let faulty = FaultyStore::new(Arc::new(mem.clone()));
-    let v = vfs(Arc::new(faulty.clone()), staging.path());
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     write_file(&v, "good", b"good").await.unwrap();
 
     // The commit at close fails: the caller of close gets the errno.
@@ -77,7 +53,7 @@ async fn store_failures_surface_as_errnos_and_other_files_keep_working() {
 
     // Bytes corrupted on the way from the store: EIO, never wrong data.
     write_file(&v, "victim", &vec![3u8; 200_000]).await.unwrap();
-    let fresh = vfs(Arc::new(faulty.clone()), staging.path());
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     faulty.set_plan(FaultPlan {
         corrupt_gets: true,
         ..Default::default()
@@ -88,7 +64,7 @@ async fn store_failures_surface_as_errnos_and_other_files_keep_working() {
 
     // An object tampered with at rest (a chunk rewritten, size unchanged): EIO.
     assert!(mem.tamper("victim", |b| b[100] ^= 1));
-    let fresh = vfs(Arc::new(faulty.clone()), staging.path());
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     assert_eq!(read_file(&fresh, "victim").await, Err(libc::EIO));
     // Its envelope moved to another object: EIO too (commitment / file id checks).
     let good_meta = {
@@ -96,7 +72,7 @@ async fn store_failures_surface_as_errnos_and_other_files_keep_working() {
         r.info.metadata.unwrap()
     };
     assert!(mem.tamper_metadata("victim", |m| *m = good_meta.clone()));
-    let fresh = vfs(Arc::new(faulty.clone()), staging.path());
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     assert_eq!(read_file(&fresh, "victim").await, Err(libc::EIO));
     assert_eq!(read_file(&fresh, "good").await.unwrap(), b"good");
 

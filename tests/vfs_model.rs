@@ -9,15 +9,11 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use coffer::crypt::keys::{KeyRing, RootKey};
-use coffer::crypt::{Crypt, Mode};
 use coffer::store::ObjectStore;
 use coffer::store::memory::MemoryStore;
-use coffer::vfs::{Defaults, Kind, ROOT, Vfs, VfsConfig};
+use coffer::vfs::{Kind, ROOT, Vfs};
 use proptest::prelude::*;
-use zeroize::Zeroizing;
 
 const FILES: &[&str] = &["a", "b", "d/a", "d/b", "e/c", "d/f/g"];
 const DIRS: &[&str] = &["d", "e", "d/f"];
@@ -285,30 +281,6 @@ impl Model {
     }
 }
 
-fn new_vfs(store: Arc<dyn ObjectStore>, staging: &Path) -> Arc<Vfs> {
-    let ring = KeyRing::new(vec![RootKey::from_bytes(Zeroizing::new([5; 32]))]).unwrap();
-    let crypt = Crypt::new(Mode::Client(Arc::new(ring)), 12);
-    Vfs::new(
-        store,
-        crypt,
-        VfsConfig {
-            prefix: "m/".into(),
-            defaults: Defaults {
-                uid: 0,
-                gid: 0,
-                file_perm: 0o644,
-                dir_perm: 0o755,
-            },
-            cache_bytes: 1 << 20,
-            staging_dir: staging.to_path_buf(),
-            sse: Default::default(),
-            read_only: false,
-            meta_flush_interval: Duration::from_secs(1),
-            write_buffer_bytes: None,
-        },
-    )
-}
-
 async fn resolve(vfs: &Vfs, path: &str) -> Result<u64, i32> {
     let mut ino = ROOT;
     for c in path.split('/') {
@@ -434,12 +406,12 @@ proptest! {
         let staging = tempfile::tempdir().unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new(true));
         rt.block_on(async {
-            let mut vfs = new_vfs(store.clone(), staging.path());
+            let mut vfs = common::test_vfs(store.clone(), staging.path(), "m/", 12, 5);
             let mut model = Model(BTreeMap::new());
             for (i, op) in ops.iter().enumerate() {
                 if matches!(op, Op::Remount) {
                     vfs.flush_everything().await.unwrap();
-                    vfs = new_vfs(store.clone(), staging.path());
+                    vfs = common::test_vfs(store.clone(), staging.path(), "m/", 12, 5);
                 }
                 let want = model.apply(op);
                 let got = apply_vfs(&vfs, op).await;
@@ -447,7 +419,7 @@ proptest! {
             }
             // Everything reads back after a final remount.
             vfs.flush_everything().await.unwrap();
-            let vfs = new_vfs(store.clone(), staging.path());
+            let vfs = common::test_vfs(store.clone(), staging.path(), "m/", 12, 5);
             for (i, _) in FILES.iter().enumerate() {
                 let op = Op::Read { path: i };
                 prop_assert_eq!(apply_vfs(&vfs, &op).await, model.apply(&op), "final read of {}", FILES[i]);

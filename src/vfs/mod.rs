@@ -637,6 +637,7 @@ impl Vfs {
     }
 
     /// Reserves `name` in `parent` for a new inode, failing with EEXIST if taken.
+    /// Also refuses a name whose object key would be too long for the store.
     fn reserve(&self, parent: u64, name: &str, inode: Inode) -> FsResult<(u64, String)> {
         let mut t = self.table.lock();
         if t.get(parent)?.unlinked {
@@ -645,9 +646,16 @@ impl Vfs {
         if t.child(parent, name)?.is_some() {
             return Err(FsError::new(libc::EEXIST, "file exists"));
         }
+        let path = match t.path(parent)?.as_str() {
+            "" => name.to_string(),
+            p => format!("{p}/{name}"),
+        };
+        self.check_key_len(&match inode.attr.kind {
+            Kind::Dir => self.dir_prefix(&path),
+            _ => self.file_key(&path),
+        })?;
         let ino = t.insert(parent, name, inode);
         t.get_mut(ino)?.lookups = 1;
-        let path = t.path(ino)?;
         Ok((ino, path))
     }
 
@@ -684,10 +692,6 @@ impl Vfs {
         inode.children = Some(BTreeMap::new());
         let (ino, path) = self.reserve(parent, name, inode)?;
         let key = self.dir_prefix(&path);
-        if let Err(e) = self.check_key_len(&key) {
-            self.unreserve(parent, name, ino);
-            return Err(e);
-        }
         let mut meta = Metadata::new();
         attr.to_metadata(&mut meta);
         if let Err(e) = self.put_dir_marker(&key, meta).await {
@@ -713,11 +717,7 @@ impl Vfs {
         let mut inode = Inode::new(parent, name.to_string(), attr.clone());
         inode.file = Some(Arc::new(AsyncMutex::new(FileData::new_empty())));
         inode.open = 1;
-        let (ino, path) = self.reserve(parent, name, inode)?;
-        if let Err(e) = self.check_key_len(&self.file_key(&path)) {
-            self.unreserve(parent, name, ino);
-            return Err(e);
-        }
+        let (ino, _) = self.reserve(parent, name, inode)?;
         self.touch_dir(parent);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, (ino, None));
@@ -746,7 +746,6 @@ impl Vfs {
         let (ino, path) = self.reserve(parent, name, inode)?;
         let key = self.file_key(&path);
         let result = async {
-            self.check_key_len(&key)?;
             let (body, mut meta) =
                 crate::crypt::encrypt_all(&self.crypt, target.as_bytes()).await?;
             attr.to_metadata(&mut meta);

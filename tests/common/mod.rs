@@ -345,3 +345,38 @@ pub fn stat(log: &str, after: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no {after:?} in the mount's stats line:\n{log}"))
 }
+
+/// A vfs over `store` for tests that drive it without FUSE: one root key of `key_byte`s,
+/// chunks of 2^`chunk_shift` bytes, objects under `prefix`, a 1 MiB chunk cache.
+pub fn test_vfs(
+    store: std::sync::Arc<dyn coffer::store::ObjectStore>,
+    staging: &Path,
+    prefix: &str,
+    chunk_shift: u8,
+    key_byte: u8,
+) -> std::sync::Arc<coffer::vfs::Vfs> {
+    use coffer::crypt::keys::{KeyRing, RootKey};
+    use coffer::crypt::{Crypt, Mode};
+    use coffer::vfs::{Defaults, Vfs, VfsConfig};
+    let key = RootKey::from_bytes(zeroize::Zeroizing::new([key_byte; 32]));
+    let ring = KeyRing::new(vec![key]).unwrap();
+    Vfs::new(
+        store,
+        Crypt::new(Mode::Client(std::sync::Arc::new(ring)), chunk_shift),
+        VfsConfig {
+            prefix: prefix.to_string(),
+            defaults: Defaults {
+                uid: 0,
+                gid: 0,
+                file_perm: 0o644,
+                dir_perm: 0o755,
+            },
+            cache_bytes: 1 << 20,
+            staging_dir: staging.to_path_buf(),
+            sse: Default::default(),
+            read_only: false,
+            meta_flush_interval: Duration::from_secs(1),
+            write_buffer_bytes: None,
+        },
+    )
+}
