@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 
 use coffer::crypt::keys::RootKey;
 use coffer::store::local::scrub;
+use coffer::store::s3::{S3Location, S3Options, S3Store, WireChecksum};
 use coffer::store::{GetOptions, ListRequest, ObjectStore, list_all};
-use coffer::volume::{self, InitLocal};
+use coffer::volume::{self, InitLocal, InitS3};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,60 @@ enum Command {
     /// Delete old versions: keep the newest --keep of each file, and of the others delete
     /// those older than --older-than-days (all of them without it).
     Prune(PruneArgs),
+    /// Abort multipart uploads of an S3 store left behind by writers that crashed.
+    Gc(GcArgs),
+}
+
+/// How to reach an S3 store (`s3://bucket/prefix`). Credentials come from the standard AWS
+/// chain (environment, shared files, profiles, web identity, instance metadata), never from
+/// the command line.
+#[derive(Args, Clone, Default)]
+struct S3Args {
+    /// S3 endpoint (Garage, MinIO, Ceph: http://127.0.0.1:3900); AWS by default.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    /// A profile of the shared AWS config and credentials files.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Path-style addressing (http://host/bucket/key), which most self-hosted services need.
+    #[arg(long)]
+    path_style: bool,
+    /// PEM file of the CAs to trust for the endpoint (self-hosted endpoints with their own CA).
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// Checksum sent with every put and verified by the server: crc32c or sha256.
+    #[arg(long, default_value = "crc32c")]
+    checksum: String,
+}
+
+impl S3Args {
+    fn options(&self) -> Result<S3Options> {
+        Ok(S3Options {
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            profile: self.profile.clone(),
+            path_style: self.path_style,
+            ca_bundle: self.ca_bundle.clone(),
+            checksum: match self.checksum.as_str() {
+                "crc32c" => WireChecksum::Crc32c,
+                "sha256" => WireChecksum::Sha256,
+                other => bail!("--checksum {other}: use crc32c or sha256"),
+            },
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Args)]
+struct GcArgs {
+    source: String,
+    /// Only uploads started more than this many hours ago (others may be writes in progress).
+    #[arg(long, default_value_t = 24.0)]
+    older_than_hours: f64,
+    #[command(flatten)]
+    s3: S3Args,
 }
 
 #[derive(Args)]
@@ -63,8 +118,8 @@ struct PruneArgs {
 
 #[derive(Args)]
 struct InitArgs {
-    /// Directory of the new store.
-    path: PathBuf,
+    /// Directory of the new local store, or s3://BUCKET/PREFIX.
+    path: String,
     /// Number of replicas; every write is durable on all of them before it returns.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
@@ -81,6 +136,15 @@ struct InitArgs {
     /// Store file bodies unencrypted (only for data that is public or protected otherwise).
     #[arg(long)]
     no_encryption: bool,
+    /// Encryption: client (the default: envelope encryption on this machine), none, sse-c,
+    /// sse-s3, sse-kms, or client+sse-c, client+sse-s3, client+sse-kms (both).
+    #[arg(long)]
+    encryption: Option<String>,
+    /// Key id of SSE-KMS (the bucket's default key without it).
+    #[arg(long)]
+    sse_kms_key_id: Option<String>,
+    #[command(flatten)]
+    s3: S3Args,
     /// Root key file; created (mode 0600) if it does not exist.
     #[arg(long)]
     key: Option<PathBuf>,
@@ -88,9 +152,23 @@ struct InitArgs {
 
 #[derive(Args)]
 struct MountArgs {
-    /// SOURCE (a local store path) and MOUNTPOINT, or just MOUNTPOINT for the default store.
+    /// SOURCE (a local store path or s3://BUCKET/PREFIX) and MOUNTPOINT, or just MOUNTPOINT
+    /// for the default store.
     #[arg(num_args = 1..=2, required = true)]
     paths: Vec<PathBuf>,
+    #[command(flatten)]
+    s3: S3Args,
+    /// SSE-C key file of an SSE-C store: one base64 key per line, the first for writes, the
+    /// others for reading older objects. Mode 0600.
+    #[arg(long)]
+    sse_c_key: Option<PathBuf>,
+    /// Refuse every write that would be stored unencrypted.
+    #[arg(long)]
+    require_encryption: bool,
+    /// Seconds a directory listing is trusted before it is listed again (S3 stores, which
+    /// other clients may change).
+    #[arg(long, default_value_t = 10.0)]
+    metadata_ttl: f64,
     /// Root key file (repeat for a key ring: the first writes, all read).
     #[arg(long)]
     key: Vec<PathBuf>,
@@ -128,7 +206,9 @@ enum KeyCommand {
     /// Rewrap every object's data key under a new root key (metadata only: no data moves).
     /// Resumable: run it again after an interruption.
     Rotate {
-        source: PathBuf,
+        source: String,
+        #[command(flatten)]
+        s3: S3Args,
         /// The new root key file.
         #[arg(long)]
         to: PathBuf,
@@ -140,13 +220,18 @@ enum KeyCommand {
 
 #[derive(Args)]
 struct ReadArgs {
-    /// The store (a local store path).
-    source: PathBuf,
+    /// The store (a local store path or s3://BUCKET/PREFIX).
+    source: String,
     /// Path inside the store.
     #[arg(default_value = "")]
     path: String,
     #[arg(long)]
     key: Vec<PathBuf>,
+    /// SSE-C key file of an SSE-C store.
+    #[arg(long)]
+    sse_c_key: Option<PathBuf>,
+    #[command(flatten)]
+    s3: S3Args,
 }
 
 #[derive(Args)]
@@ -159,9 +244,14 @@ struct ScrubArgs {
 
 #[derive(Args)]
 struct RestoreArgs {
-    source: PathBuf,
+    source: String,
     path: String,
     version: String,
+    /// SSE-C key file of an SSE-C store.
+    #[arg(long)]
+    sse_c_key: Option<PathBuf>,
+    #[command(flatten)]
+    s3: S3Args,
 }
 
 /// Set in a detached mount's process: the pipe on which it reports readiness or failure.
@@ -278,7 +368,12 @@ fn main() {
         Command::Init(a) => init(a),
         Command::Mount(a) => mount(a),
         Command::Key(KeyCommand::New { file }) => key_new(&file),
-        Command::Key(KeyCommand::Rotate { source, to, key }) => key_rotate(&source, &to, &key),
+        Command::Key(KeyCommand::Rotate {
+            source,
+            to,
+            key,
+            s3,
+        }) => key_rotate(&source, &to, &key, &s3),
         Command::Key(KeyCommand::Id { file }) => RootKey::read(&file)
             .map(|k| println!("{}", k.id_hex()))
             .map_err(|e| anyhow!("{e}")),
@@ -288,6 +383,7 @@ fn main() {
         Command::Versions(a) => versions(a),
         Command::Restore(a) => restore(a),
         Command::Prune(a) => prune(a),
+        Command::Gc(a) => gc(a),
     };
     if let Err(e) = result {
         report_ready(&format!("error: {e:#}"));
@@ -324,31 +420,80 @@ fn key_for_init(file: &Path) -> Result<String> {
     Ok(RootKey::read(file).map_err(|e| anyhow!("{e}"))?.id_hex())
 }
 
+/// `--encryption MODE` (or `--no-encryption`) as (client-side on, server-side mode).
+fn encryption_modes(a: &InitArgs) -> Result<(bool, String)> {
+    let mode = match (&a.encryption, a.no_encryption) {
+        (Some(_), true) => bail!("--encryption and --no-encryption contradict each other"),
+        (Some(m), false) => m.clone(),
+        (None, true) => "none".into(),
+        (None, false) => "client".into(),
+    };
+    let (client, server) = match mode.split_once('+') {
+        Some(("client", server)) => (true, server.to_string()),
+        None if mode == "client" => (true, "none".to_string()),
+        None if volume::SSE_MODES.contains(&mode.as_str()) => (false, mode.clone()),
+        _ => bail!(
+            "--encryption {mode}: use client, none, sse-c, sse-s3, sse-kms or client+sse-c, client+sse-s3, client+sse-kms"
+        ),
+    };
+    if !volume::SSE_MODES.contains(&server.as_str())
+        || (client && server == "none" && mode != "client")
+    {
+        bail!("--encryption {mode}: unknown server-side mode {server:?}");
+    }
+    Ok((client, server))
+}
+
 fn init(a: InitArgs) -> Result<()> {
     if !a.chunk_size.is_power_of_two() {
         bail!("--chunk-size must be a power of two");
     }
-    let key_id = match (&a.key, a.no_encryption) {
-        (Some(k), false) => Some(key_for_init(k)?),
-        (None, false) => bail!(
-            "an encrypted store needs a root key: pass --key FILE (created if missing), or --no-encryption"
+    let (client, server_side) = encryption_modes(&a)?;
+    let key_id = match (&a.key, client) {
+        (Some(k), true) => Some(key_for_init(k)?),
+        (None, true) => bail!(
+            "an encrypted store needs a root key: pass --key FILE (created if missing), or --encryption none / sse-c / sse-s3 / sse-kms"
         ),
-        (_, true) => None,
+        (_, false) => None,
     };
+    let chunk_shift = a.chunk_size.trailing_zeros() as u8;
+    if S3Location::is_s3(&a.path) {
+        let location = S3Location::parse(&a.path)?;
+        let s3 = a.s3.options()?;
+        if server_side == "sse-c" && s3.is_plain_http_to_remote() {
+            bail!(
+                "SSE-C sends the key in request headers: it needs an https:// endpoint (or a loopback one)"
+            );
+        }
+        let cfg = runtime()?.block_on(volume::init_s3(&InitS3 {
+            location: location.clone(),
+            s3,
+            chunk_shift,
+            encrypt: client,
+            key_id,
+            server_side,
+            sse_kms_key_id: a.sse_kms_key_id,
+        }))?;
+        eprintln!("created store {} at {location}", cfg.store_id);
+        return Ok(());
+    }
+    if server_side != "none" {
+        bail!("server-side encryption is for S3 stores; a local store encrypts on the client");
+    }
     let cfg = volume::init_local(&InitLocal {
-        path: a.path.clone(),
+        path: PathBuf::from(&a.path),
         replicas: a.replicas,
         replica_dirs: a.replica_dirs,
         versioning: !a.no_versioning,
-        chunk_shift: a.chunk_size.trailing_zeros() as u8,
-        encrypt: !a.no_encryption,
+        chunk_shift,
+        encrypt: client,
         key_id,
     })?;
     let local = cfg.local.as_ref().expect("a local store");
     eprintln!(
         "created store {} at {} with {} replicas:",
         cfg.store_id,
-        a.path.display(),
+        a.path,
         local.replicas.len()
     );
     for r in &local.replicas {
@@ -380,11 +525,19 @@ fn mount(a: MountArgs) -> Result<()> {
             );
         }
         eprintln!("root key: {} (losing it loses the data)", key.display());
-        let keys = if a.key.is_empty() { vec![key] } else { a.key };
+        let keys = if a.key.is_empty() {
+            vec![key]
+        } else {
+            a.key.clone()
+        };
         (store, a.paths[0].clone(), keys)
     } else {
-        (a.paths[0].clone(), a.paths[1].clone(), a.key)
+        (a.paths[0].clone(), a.paths[1].clone(), a.key.clone())
     };
+    let source_text = source.to_string_lossy().to_string();
+    if S3Location::is_s3(&source_text) {
+        return mount_s3(&source_text, mountpoint, &keys, &a);
+    }
     let _lock = volume::lock_store(&source, true)?;
     let vol = volume::open_local(&source, &keys)?;
     volume::record_writer_key(&source, &vol)?;
@@ -405,6 +558,8 @@ fn mount(a: MountArgs) -> Result<()> {
         memory_limit: a.memory_limit << 20,
         cache_dir,
         fsname: format!("coffer:{}", source.display()),
+        metadata_ttl: None,
+        reserved_root_name: None,
         scrub: (a.scrub_interval > 0.0)
             .then(|| {
                 vol.local.clone().map(|l| {
@@ -416,10 +571,131 @@ fn mount(a: MountArgs) -> Result<()> {
             })
             .flatten(),
     };
-    coffer::mount::run(vol.store, vol.crypt, opts, || report_ready("ready\n"))
+    let store = with_policy(vol.store, &vol.crypt, a.require_encryption);
+    coffer::mount::run(
+        runtime()?,
+        store,
+        vol.crypt,
+        Default::default(),
+        opts,
+        || report_ready("ready\n"),
+    )
 }
 
-fn open_read(source: &Path, keys: &[PathBuf]) -> Result<volume::Volume> {
+/// Wraps a store in the policy that refuses unencrypted writes, if asked for.
+fn with_policy(
+    store: Arc<dyn ObjectStore>,
+    crypt: &coffer::crypt::Crypt,
+    require: bool,
+) -> Arc<dyn ObjectStore> {
+    if require {
+        Arc::new(coffer::store::policy::RequireEncryption::new(
+            store,
+            crypt.provider().is_some(),
+        ))
+    } else {
+        store
+    }
+}
+
+fn mount_s3(source: &str, mountpoint: PathBuf, keys: &[PathBuf], a: &MountArgs) -> Result<()> {
+    let location = S3Location::parse(source)?;
+    let s3 = a.s3.options()?;
+    let rt = runtime()?;
+    let (vol, s3store) = rt.block_on(volume::open_s3(&location, &s3, keys))?;
+    if vol.config.encryption.server_side == "sse-c" && s3.is_plain_http_to_remote() {
+        bail!(
+            "this store uses SSE-C, which sends the key in request headers: refusing a plain http:// endpoint that is not loopback"
+        );
+    }
+    rt.block_on(volume::record_writer_key_s3(&s3store, &vol))?;
+    let (sse, store) =
+        volume::server_side_encryption(&vol.config, vol.store.clone(), a.sse_c_key.as_deref())?;
+    // A wrong SSE-C key shows now rather than as EACCES on the first read.
+    if let coffer::store::Sse::Customer(_) = &sse {
+        let probe = GetOptions {
+            sse: sse.clone(),
+            version_id: None,
+        };
+        let first = rt.block_on(list_all(
+            store.as_ref(),
+            ListRequest {
+                max_keys: 50,
+                ..Default::default()
+            },
+        ))?;
+        if let Some(o) = first
+            .objects
+            .iter()
+            .find(|o| o.key != volume::S3_CONFIG_KEY && !o.key.ends_with('/'))
+            && let Err(e) = rt.block_on(store.head(&o.key, &probe))
+            && matches!(e, coffer::store::StoreError::WrongKey { .. })
+        {
+            bail!(
+                "the SSE-C key in {} does not open {}: wrong key file?",
+                a.sse_c_key.as_deref().unwrap_or(Path::new("?")).display(),
+                o.key
+            );
+        }
+    }
+    let cache_dir = match &a.cache_dir {
+        Some(d) => d.clone(),
+        None => volume::cache_home()?.join(&vol.config.store_id),
+    };
+    let opts = coffer::mount::MountOptions {
+        mountpoint,
+        options: a.options.clone(),
+        cache_bytes: a.cache_size << 20,
+        memory_limit: a.memory_limit << 20,
+        cache_dir,
+        fsname: format!("coffer:{location}"),
+        scrub: None,
+        metadata_ttl: Some(std::time::Duration::from_secs_f64(a.metadata_ttl.max(0.0))),
+        reserved_root_name: Some(volume::RESERVED_NAME.to_string()),
+    };
+    let store = with_policy(store, &vol.crypt, a.require_encryption);
+    coffer::mount::run(rt, store, vol.crypt, sse, opts, || report_ready("ready\n"))
+}
+
+/// A store opened for a command other than mount: its volume, the SSE of its requests,
+/// and the S3 store itself where it is one.
+struct Opened {
+    vol: volume::Volume,
+    sse: coffer::store::Sse,
+    s3: Option<S3Store>,
+}
+
+impl Opened {
+    fn get_opts(&self) -> GetOptions {
+        GetOptions {
+            sse: self.sse.clone(),
+            version_id: None,
+        }
+    }
+}
+
+fn open_source(
+    rt: &tokio::runtime::Runtime,
+    source: &str,
+    keys: &[PathBuf],
+    s3: &S3Args,
+    sse_c_key: Option<&Path>,
+) -> Result<Opened> {
+    if S3Location::is_s3(source) {
+        let location = S3Location::parse(source)?;
+        let (vol, store) = rt.block_on(volume::open_s3(&location, &s3.options()?, keys))?;
+        let (sse, wrapped) =
+            volume::server_side_encryption(&vol.config, vol.store.clone(), sse_c_key)?;
+        return Ok(Opened {
+            vol: volume::Volume {
+                store: wrapped,
+                ..vol
+            },
+            sse,
+            s3: Some(store),
+        });
+    }
+    let source = Path::new(source);
     let keys = if keys.is_empty() {
         let (store, key) = volume::default_paths()?;
         if source.canonicalize().ok() == store.canonicalize().ok() && key.exists() {
@@ -430,12 +706,51 @@ fn open_read(source: &Path, keys: &[PathBuf]) -> Result<volume::Volume> {
     } else {
         keys.to_vec()
     };
-    volume::open_local(source, &keys)
+    Ok(Opened {
+        vol: volume::open_local(source, &keys)?,
+        sse: Default::default(),
+        s3: None,
+    })
+}
+
+/// A store opened without keys, for commands that only move objects (restore, gc).
+fn open_store_only(
+    rt: &tokio::runtime::Runtime,
+    source: &str,
+    s3: &S3Args,
+) -> Result<(
+    Arc<dyn ObjectStore>,
+    Option<volume::StoreLock>,
+    volume::VolumeConfig,
+)> {
+    if S3Location::is_s3(source) {
+        let store = rt.block_on(S3Store::connect(S3Location::parse(source)?, &s3.options()?))?;
+        let cfg = rt.block_on(volume::read_s3_config(&store))?;
+        return Ok((Arc::new(store), None, cfg));
+    }
+    let path = Path::new(source);
+    let lock = volume::lock_store(path, true)?;
+    let cfg = volume::VolumeConfig::read(path)?;
+    let store = coffer::store::local::LocalStore::open(&cfg.local_store_config(path)?)
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok((Arc::new(store), Some(lock), cfg))
+}
+
+/// Versions need a store that keeps them; say so plainly when it does not.
+fn require_versioning(rt: &tokio::runtime::Runtime, store: &dyn ObjectStore) -> Result<()> {
+    if !rt.block_on(store.versioning_enabled())? {
+        bail!(
+            "{} does not keep versions: enable versioning on the bucket (or create the local store without --no-versioning) to list and restore old versions",
+            store.describe()
+        );
+    }
+    Ok(())
 }
 
 fn ls(a: ReadArgs) -> Result<()> {
-    let vol = open_read(&a.source, &a.key)?;
     let rt = runtime()?;
+    let opened = open_source(&rt, &a.source, &a.key, &a.s3, a.sse_c_key.as_deref())?;
+    let vol = &opened.vol;
     let prefix = match a.path.trim_matches('/') {
         "" => String::new(),
         p => format!("{p}/"),
@@ -451,11 +766,14 @@ fn ls(a: ReadArgs) -> Result<()> {
     let g = vol.crypt.geometry();
     let mut out = std::io::stdout().lock();
     for p in &page.common_prefixes {
+        if opened.s3.is_some() && prefix.is_empty() && p == &format!("{}/", volume::RESERVED_NAME) {
+            continue;
+        }
         writeln!(out, "{:>12}  {}", "dir", &p[prefix.len()..])?;
     }
     for o in &page.objects {
         let name = &o.key[prefix.len()..];
-        if name.is_empty() {
+        if name.is_empty() || (prefix.is_empty() && name == volume::S3_CONFIG_KEY) {
             continue;
         }
         let size = g
@@ -467,8 +785,9 @@ fn ls(a: ReadArgs) -> Result<()> {
 }
 
 fn cat(a: ReadArgs) -> Result<()> {
-    let vol = open_read(&a.source, &a.key)?;
     let rt = runtime()?;
+    let opened = open_source(&rt, &a.source, &a.key, &a.s3, a.sse_c_key.as_deref())?;
+    let vol = &opened.vol;
     let key = a.path.trim_matches('/').to_string();
     rt.block_on(async {
         let cache = coffer::cache::ChunkCache::new(64 << 20);
@@ -476,7 +795,7 @@ fn cat(a: ReadArgs) -> Result<()> {
             vol.store.as_ref(),
             &vol.crypt,
             &key,
-            GetOptions::default(),
+            opened.get_opts(),
         )
         .await
         .with_context(|| format!("opening {key}"))?;
@@ -546,10 +865,11 @@ fn scrub_cmd(a: ScrubArgs) -> Result<()> {
 }
 
 fn versions(a: ReadArgs) -> Result<()> {
-    let vol = open_read(&a.source, &a.key)?;
     let rt = runtime()?;
-    let list = rt.block_on(vol.store.list_versions(a.path.trim_matches('/')))?;
-    let g = vol.crypt.geometry();
+    let (store, _lock, config) = open_store_only(&rt, &a.source, &a.s3)?;
+    require_versioning(&rt, store.as_ref())?;
+    let list = rt.block_on(store.list_versions(a.path.trim_matches('/')))?;
+    let g = config.geometry();
     for v in list {
         let when = coffer::vfs::attr::format_time(v.mtime);
         if v.is_delete_marker {
@@ -579,21 +899,40 @@ fn versions(a: ReadArgs) -> Result<()> {
 }
 
 fn restore(a: RestoreArgs) -> Result<()> {
-    // Restoring copies a version inside the store: no key is needed.
-    let _lock = volume::lock_store(&a.source, true)?;
-    let cfg = volume::VolumeConfig::read(&a.source)?;
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        coffer::store::local::LocalStore::open(&cfg.local_store_config(&a.source)?)
-            .map_err(|e| anyhow!("{e}"))?,
-    );
+    // Restoring copies a version inside the store: no root key is needed (an SSE-C store
+    // needs its customer key, which the server asks for on the copy).
     let rt = runtime()?;
+    let (store, _lock, config) = open_store_only(&rt, &a.source, &a.s3)?;
+    require_versioning(&rt, store.as_ref())?;
+    let (sse, store) = volume::server_side_encryption(&config, store, a.sse_c_key.as_deref())?;
     let key = a.path.trim_matches('/');
-    let info = rt.block_on(store.restore_version(key, &a.version, &Default::default()))?;
+    let info = rt.block_on(store.restore_version(key, &a.version, &sse))?;
     eprintln!(
         "restored {key} from version {} as {}",
         a.version,
         info.version_id.unwrap_or_default()
     );
+    Ok(())
+}
+
+fn gc(a: GcArgs) -> Result<()> {
+    if !S3Location::is_s3(&a.source) {
+        bail!(
+            "gc is for S3 stores; a local store cleans up after crashed writes when mounted (and `coffer scrub --repair` removes leftovers)"
+        );
+    }
+    let rt = runtime()?;
+    let store = rt.block_on(S3Store::connect(
+        S3Location::parse(&a.source)?,
+        &a.s3.options()?,
+    ))?;
+    rt.block_on(volume::read_s3_config(&store))?;
+    let n = rt.block_on(
+        store.abort_stale_uploads(std::time::Duration::from_secs_f64(
+            a.older_than_hours.max(0.0) * 3600.0,
+        )),
+    )?;
+    println!("aborted {n} stale multipart uploads");
     Ok(())
 }
 
@@ -613,10 +952,16 @@ fn prune(a: PruneArgs) -> Result<()> {
     Ok(())
 }
 
-fn key_rotate(source: &Path, to: &Path, keys: &[PathBuf]) -> Result<()> {
+fn key_rotate(source: &str, to: &Path, keys: &[PathBuf], s3: &S3Args) -> Result<()> {
     use coffer::crypt::keys::KeyProvider;
-    let _lock = volume::lock_store(source, true)?;
-    let vol = volume::open_local(source, keys)?;
+    let rt = runtime()?;
+    let _lock = if S3Location::is_s3(source) {
+        None
+    } else {
+        Some(volume::lock_store(Path::new(source), true)?)
+    };
+    let opened = open_source(&rt, source, keys, s3, None)?;
+    let vol = opened.vol;
     let from: Arc<dyn KeyProvider> =
         vol.crypt.provider().cloned().ok_or_else(|| {
             anyhow!("this store is not encrypted on the client: nothing to rotate")
@@ -630,7 +975,7 @@ fn key_rotate(source: &Path, to: &Path, keys: &[PathBuf]) -> Result<()> {
         );
         b
     });
-    let report = runtime()?.block_on(coffer::crypt::rotate::rotate(
+    let report = rt.block_on(coffer::crypt::rotate::rotate(
         vol.store.as_ref(),
         "",
         &from,
@@ -648,7 +993,10 @@ fn key_rotate(source: &Path, to: &Path, keys: &[PathBuf]) -> Result<()> {
     // From now on the store expects the new key.
     let mut cfg = vol.config.clone();
     cfg.encryption.key_ids = new.key_ids();
-    volume::write_config(source, &cfg)?;
+    match &opened.s3 {
+        Some(store) => rt.block_on(volume::write_s3_config(store, &cfg))?,
+        None => volume::write_config(Path::new(source), &cfg)?,
+    }
     println!(
         "rotated: {} objects, {} rewrapped, {} already under the new key, {} not encrypted",
         report.objects, report.rewrapped, report.already_current, report.unencrypted

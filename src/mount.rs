@@ -10,7 +10,7 @@ use fuser::{Config, MountOption, SessionACL};
 use tracing::{error, info, warn};
 
 use crate::crypt::Crypt;
-use crate::store::ObjectStore;
+use crate::store::{ObjectStore, Sse};
 use crate::vfs::{Defaults, Vfs, VfsConfig};
 
 /// Options of one mount.
@@ -27,6 +27,10 @@ pub struct MountOptions {
     pub fsname: String,
     /// Scrub (and repair) this local store in the background at this interval.
     pub scrub: Option<(crate::store::local::LocalStore, Duration)>,
+    /// How long directory listings are trusted (stores other clients write to).
+    pub metadata_ttl: Option<Duration>,
+    /// A top-level name the mount hides (the store's own data).
+    pub reserved_root_name: Option<String>,
 }
 
 /// What the `-o` options ask of the kernel and of the vfs.
@@ -136,8 +140,10 @@ pub fn clear_stale_mount(mountpoint: &Path) {
 /// Mounts and serves until unmounted, SIGINT or SIGTERM; then commits every open file and
 /// unmounts. `ready` is called once the mount answers.
 pub fn run(
+    rt: tokio::runtime::Runtime,
     store: Arc<dyn ObjectStore>,
     crypt: Crypt,
+    sse: Sse,
     opts: MountOptions,
     ready: impl FnOnce(),
 ) -> Result<()> {
@@ -166,21 +172,18 @@ pub fn run(
             opts.mountpoint.display()
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
-        .enable_all()
-        .thread_name("coffer")
-        .build()?;
     let staging_dir = opts.cache_dir.join(format!("mount-{}", std::process::id()));
     let cfg = VfsConfig {
         prefix: String::new(),
         defaults: parsed.defaults,
         cache_bytes: opts.cache_bytes.min(opts.memory_limit / 2),
         staging_dir: staging_dir.clone(),
-        sse: Default::default(),
+        sse,
         read_only: parsed.read_only,
         meta_flush_interval: Duration::from_secs(1),
         write_buffer_bytes: Some(opts.memory_limit / 2),
+        metadata_ttl: opts.metadata_ttl,
+        reserved_root_name: opts.reserved_root_name.clone(),
     };
     info!(
         "mounting {} at {}",
@@ -241,13 +244,19 @@ pub fn run(
 
     // Wait for a signal, or for the kernel to end the session (fusermount3 -u, umount).
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    // SIGUSR1 writes the statistics to the log.
+    let stats_vfs = vfs.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("signal handler");
         let mut int = signal(SignalKind::interrupt()).expect("signal handler");
-        let why = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut usr1 = signal(SignalKind::user_defined1()).expect("signal handler");
+        let why = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = usr1.recv() => info!("{}", stats_vfs.stats_line()),
+            }
         };
         let _ = tx.send(why);
     });

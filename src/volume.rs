@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypt::keys::{KeyProvider, KeyRing, RootKey};
 use crate::crypt::{Crypt, Mode};
-use crate::store::ObjectStore;
 use crate::store::local::{LocalStore, LocalStoreConfig};
+use crate::store::s3::{S3Location, S3Options, S3Store};
+use crate::store::sse_history::SseKeyHistory;
+use crate::store::{GetOptions, ObjectStore, Sse, SseCustomerKey, StoreError};
 
 pub const CONFIG_FILE: &str = "coffer.toml";
 pub const LOCK_FILE: &str = "coffer.lock";
@@ -45,7 +47,20 @@ pub struct EncryptionConfig {
     pub key_ids: Vec<String>,
     #[serde(default)]
     pub name_encryption: bool,
+    /// Server-side encryption the store asks of its backend on every write: "none",
+    /// "sse-c" (a customer key given at mount), "sse-s3" or "sse-kms".
+    #[serde(default = "default_sse")]
+    pub server_side: String,
+    #[serde(default)]
+    pub sse_kms_key_id: Option<String>,
 }
+
+fn default_sse() -> String {
+    "none".into()
+}
+
+/// Server-side encryption modes a store may ask for.
+pub const SSE_MODES: [&str; 4] = ["none", "sse-c", "sse-s3", "sse-kms"];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +120,15 @@ impl VolumeConfig {
         f.sync_all()?;
         crate::store::local::durable::sync_dir(path)?;
         Ok(())
+    }
+
+    /// How stored sizes map to file sizes in this store.
+    pub fn geometry(&self) -> crate::crypt::format::Geometry {
+        if self.encryption.mode == "client" {
+            crate::crypt::format::Geometry::encrypted(self.chunk_shift)
+        } else {
+            crate::crypt::format::Geometry::plain(self.chunk_shift)
+        }
     }
 
     /// How to open the local store at `path` (whose config this is).
@@ -170,16 +194,16 @@ pub fn init_local(o: &InitLocal) -> Result<VolumeConfig> {
             })
             .collect::<Result<_>>()?
     };
-    let mut id = [0u8; 8];
-    getrandom::fill(&mut id).expect("the OS random source works");
     let cfg = VolumeConfig {
         format: FORMAT,
-        store_id: hex::encode(id),
+        store_id: new_store_id(),
         chunk_shift: o.chunk_shift,
         encryption: EncryptionConfig {
             mode: if o.encrypt { "client" } else { "none" }.into(),
             key_ids: o.key_id.iter().cloned().collect(),
             name_encryption: false,
+            server_side: default_sse(),
+            sse_kms_key_id: None,
         },
         local: Some(LocalSection {
             replicas,
@@ -253,7 +277,22 @@ pub struct Volume {
 pub fn open_local(path: &Path, key_files: &[PathBuf]) -> Result<Volume> {
     let config = VolumeConfig::read(path)?;
     let local = LocalStore::open(&config.local_store_config(path)?).map_err(|e| anyhow!("{e}"))?;
-    let crypt = match config.encryption.mode.as_str() {
+    let crypt = crypt_for(
+        &config,
+        key_files,
+        &path.join(CONFIG_FILE).display().to_string(),
+    )?;
+    Ok(Volume {
+        store: Arc::new(local.clone()),
+        local: Some(local),
+        config,
+        crypt,
+    })
+}
+
+/// The client-side encryption of a store, with its keys loaded and checked.
+fn crypt_for(config: &VolumeConfig, key_files: &[PathBuf], origin: &str) -> Result<Crypt> {
+    Ok(match config.encryption.mode.as_str() {
         "client" => {
             if key_files.is_empty() {
                 bail!(
@@ -275,16 +314,217 @@ pub fn open_local(path: &Path, key_files: &[PathBuf]) -> Result<Volume> {
             Crypt::new(Mode::Client(Arc::new(ring)), config.chunk_shift)
         }
         "none" => Crypt::new(Mode::None, config.chunk_shift),
-        other => bail!(
-            "unknown encryption mode {other:?} in {}",
-            path.join(CONFIG_FILE).display()
-        ),
+        other => bail!("unknown encryption mode {other:?} in {origin}"),
+    })
+}
+
+/// Where an S3 store keeps its volume config, under its prefix. The filesystem hides the
+/// directory ([`RESERVED_NAME`]).
+pub const S3_CONFIG_KEY: &str = ".coffer/volume.toml";
+/// The top-level name a mount never shows nor lets anyone create.
+pub const RESERVED_NAME: &str = ".coffer";
+
+/// Options of `coffer init` for an S3 store.
+pub struct InitS3 {
+    pub location: S3Location,
+    pub s3: S3Options,
+    pub chunk_shift: u8,
+    pub encrypt: bool,
+    pub key_id: Option<String>,
+    pub server_side: String,
+    pub sse_kms_key_id: Option<String>,
+}
+
+fn new_store_id() -> String {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).expect("the OS random source works");
+    hex::encode(id)
+}
+
+/// Creates an S3 store: writes its volume config under the prefix.
+pub async fn init_s3(o: &InitS3) -> Result<VolumeConfig> {
+    if !SSE_MODES.contains(&o.server_side.as_str()) {
+        bail!(
+            "unknown server-side encryption {:?} (one of {})",
+            o.server_side,
+            SSE_MODES.join(", ")
+        );
+    }
+    let store = S3Store::connect(o.location.clone(), &o.s3).await?;
+    store
+        .check_bucket()
+        .await
+        .with_context(|| format!("bucket {}", o.location.bucket))?;
+    match store.head(S3_CONFIG_KEY, &GetOptions::default()).await {
+        Ok(_) => bail!("{} is already a coffer store", o.location),
+        Err(StoreError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let cfg = VolumeConfig {
+        format: FORMAT,
+        store_id: new_store_id(),
+        chunk_shift: o.chunk_shift,
+        encryption: EncryptionConfig {
+            mode: if o.encrypt { "client" } else { "none" }.into(),
+            key_ids: o.key_id.iter().cloned().collect(),
+            name_encryption: false,
+            server_side: o.server_side.clone(),
+            sse_kms_key_id: o.sse_kms_key_id.clone(),
+        },
+        local: None,
     };
-    Ok(Volume {
-        store: Arc::new(local.clone()),
-        local: Some(local),
-        config,
-        crypt,
+    put_s3_config(&store, &cfg).await?;
+    Ok(cfg)
+}
+
+async fn put_s3_config(store: &S3Store, cfg: &VolumeConfig) -> Result<()> {
+    let text = toml::to_string_pretty(cfg)?;
+    store
+        .put(S3_CONFIG_KEY, bytes::Bytes::from(text), &Default::default())
+        .await
+        .with_context(|| format!("writing the volume config of {}", store.location()))?;
+    Ok(())
+}
+
+/// Reads the volume config of an S3 store.
+pub async fn read_s3_config(store: &S3Store) -> Result<VolumeConfig> {
+    let got = match store.get(S3_CONFIG_KEY, None, &GetOptions::default()).await {
+        Ok(g) => g,
+        Err(StoreError::NotFound { .. }) => bail!(
+            "{} is not a coffer store (no {S3_CONFIG_KEY}); create one with `coffer init {}`",
+            store.location(),
+            store.location()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let origin = format!("{}{S3_CONFIG_KEY}", store.location());
+    let text = std::str::from_utf8(&got.body).map_err(|_| anyhow!("{origin}: not UTF-8"))?;
+    let cfg: VolumeConfig = toml::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?;
+    if cfg.format != FORMAT {
+        bail!(
+            "{origin}: format {} is not supported by this coffer (it reads format {FORMAT})",
+            cfg.format
+        );
+    }
+    Ok(cfg)
+}
+
+/// Opens an S3 store with the given key files.
+pub async fn open_s3(
+    location: &S3Location,
+    s3: &S3Options,
+    key_files: &[PathBuf],
+) -> Result<(Volume, S3Store)> {
+    let store = S3Store::connect(location.clone(), s3).await?;
+    let config = read_s3_config(&store).await?;
+    let crypt = crypt_for(&config, key_files, &format!("{location}{S3_CONFIG_KEY}"))?;
+    Ok((
+        Volume {
+            store: Arc::new(store.clone()),
+            local: None,
+            config,
+            crypt,
+        },
+        store,
+    ))
+}
+
+/// Adds the writer key's id to an S3 store's config (as [`record_writer_key`] does locally).
+pub async fn record_writer_key_s3(store: &S3Store, vol: &Volume) -> Result<()> {
+    let Some(writer) = vol
+        .crypt
+        .provider()
+        .and_then(|p| p.key_ids().into_iter().next())
+    else {
+        return Ok(());
+    };
+    if vol.config.encryption.key_ids.contains(&writer) {
+        return Ok(());
+    }
+    let mut cfg = vol.config.clone();
+    cfg.encryption.key_ids.push(writer);
+    put_s3_config(store, &cfg).await
+}
+
+/// Replaces an S3 store's config (after a key rotation).
+pub async fn write_s3_config(store: &S3Store, cfg: &VolumeConfig) -> Result<()> {
+    put_s3_config(store, cfg).await
+}
+
+/// Reads an SSE-C key file: one base64 key of 32 bytes per line, the first for writes and
+/// the others for reading older objects (a key history, as s3fs keeps). Refused when others
+/// can read it.
+pub fn read_sse_c_keys(file: &Path) -> Result<Vec<SseCustomerKey>> {
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(file).with_context(|| format!("SSE-C key file {}", file.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "SSE-C key file {} is readable by others (mode {:o}): chmod 600 it",
+            file.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let text = zeroize::Zeroizing::new(
+        fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
+    );
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let raw = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(line)
+                .map_err(|_| anyhow!("{} line {}: not base64", file.display(), n + 1))?,
+        );
+        let k: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
+            anyhow!(
+                "{} line {}: an SSE-C key is 32 bytes, this one is {}",
+                file.display(),
+                n + 1,
+                raw.len()
+            )
+        })?;
+        keys.push(SseCustomerKey::new(k));
+    }
+    if keys.is_empty() {
+        bail!("{}: no key in the file", file.display());
+    }
+    Ok(keys)
+}
+
+/// The SSE parameters of a store's writes, and the store wrapped with an SSE-C key history
+/// where there is one.
+pub fn server_side_encryption(
+    config: &VolumeConfig,
+    store: Arc<dyn ObjectStore>,
+    sse_c_key: Option<&Path>,
+) -> Result<(Sse, Arc<dyn ObjectStore>)> {
+    Ok(match config.encryption.server_side.as_str() {
+        "none" => (Sse::None, store),
+        "sse-s3" => (Sse::S3, store),
+        "sse-kms" => (
+            Sse::Kms {
+                key_id: config.encryption.sse_kms_key_id.clone(),
+            },
+            store,
+        ),
+        "sse-c" => {
+            let file = sse_c_key.ok_or_else(|| {
+                anyhow!("this store is encrypted with SSE-C: pass --sse-c-key FILE")
+            })?;
+            let mut keys = read_sse_c_keys(file)?;
+            let current = keys.remove(0);
+            let store: Arc<dyn ObjectStore> = if keys.is_empty() {
+                store
+            } else {
+                Arc::new(SseKeyHistory::new(store, keys))
+            };
+            (Sse::Customer(current), store)
+        }
+        other => bail!("unknown server-side encryption {other:?} in the store's config"),
     })
 }
 
@@ -322,6 +562,18 @@ pub fn write_config(path: &Path, cfg: &VolumeConfig) -> Result<()> {
     fs::rename(&tmp, &file)?;
     crate::store::local::durable::sync_dir(path)?;
     Ok(())
+}
+
+/// Where mounts of remote stores keep their staging files: `$XDG_CACHE_HOME/coffer`.
+pub fn cache_home() -> Result<PathBuf> {
+    match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(v) => Ok(PathBuf::from(v).join("coffer")),
+        None => Ok(PathBuf::from(
+            std::env::var_os("HOME")
+                .ok_or_else(|| anyhow!("neither $XDG_CACHE_HOME nor $HOME is set"))?,
+        )
+        .join(".cache/coffer")),
+    }
 }
 
 /// Where `coffer mount MOUNTPOINT` keeps its default store and key.

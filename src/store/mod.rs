@@ -10,6 +10,9 @@ pub mod error;
 pub mod faulty;
 pub mod local;
 pub mod memory;
+pub mod policy;
+pub mod s3;
+pub mod sse_history;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -222,6 +225,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 
     fn limits(&self) -> StoreLimits;
+
+    /// Requests sent so far, by kind, for statistics (empty where not counted).
+    fn request_stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 
     /// Stores a whole object, durably, replacing any previous one.
     async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<ObjectInfo>;

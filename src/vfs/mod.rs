@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{Mutex as AsyncMutex, RwLock};
@@ -53,6 +53,11 @@ pub struct VfsConfig {
     pub meta_flush_interval: Duration,
     /// Memory for write buffers across all files; writers wait when it is spent.
     pub write_buffer_bytes: Option<usize>,
+    /// How long a directory listing is trusted before it is listed again (`None`: for
+    /// ever, for a store no one else writes to).
+    pub metadata_ttl: Option<Duration>,
+    /// A top-level name the mount hides and refuses to create (the store's own data).
+    pub reserved_root_name: Option<String>,
 }
 
 /// Counters for `coffer stats` and the logs.
@@ -85,6 +90,11 @@ struct Inode {
     pending_delete: Option<String>,
     unlinked: bool,
     load_lock: Arc<AsyncMutex<()>>,
+    /// When a directory was last listed (its entries are listed again after the metadata
+    /// TTL, to see what other clients did).
+    listed_at: Option<Instant>,
+    /// The object's ETag as last listed, to tell a file changed by another client.
+    etag: Option<String>,
 }
 
 impl Inode {
@@ -104,6 +114,8 @@ impl Inode {
             pending_delete: None,
             unlinked: false,
             load_lock: Arc::new(AsyncMutex::new(())),
+            listed_at: None,
+            etag: None,
         }
     }
 }
@@ -392,7 +404,16 @@ impl Vfs {
 
     // ---- directories -------------------------------------------------------------------
 
-    /// Lists a directory from the store, once.
+    /// Whether a directory's entries must be listed (again).
+    fn needs_listing(&self, i: &Inode) -> bool {
+        i.children.is_none()
+            || self
+                .cfg
+                .metadata_ttl
+                .is_some_and(|ttl| i.listed_at.is_none_or(|t| t.elapsed() >= ttl))
+    }
+
+    /// Lists a directory from the store: once, or again after the metadata TTL.
     async fn ensure_loaded(&self, dir: u64) -> FsResult<()> {
         let (lock, path) = {
             let t = self.table.lock();
@@ -400,15 +421,20 @@ impl Vfs {
             if i.attr.kind != Kind::Dir {
                 return Err(FsError::new(libc::ENOTDIR, "not a directory"));
             }
-            if i.children.is_some() {
+            if !self.needs_listing(i) {
                 return Ok(());
             }
             (i.load_lock.clone(), t.path(dir)?)
         };
         let _guard = lock.lock().await;
-        if self.table.lock().get(dir)?.children.is_some() {
-            return Ok(());
-        }
+        let refresh = {
+            let t = self.table.lock();
+            let i = t.get(dir)?;
+            if !self.needs_listing(i) {
+                return Ok(());
+            }
+            i.children.is_some()
+        };
         let prefix = self.dir_prefix(&path);
         let page = list_all(
             self.store.as_ref(),
@@ -423,8 +449,13 @@ impl Vfs {
         let d = self.cfg.defaults;
         let mut entries: BTreeMap<String, Inode> = BTreeMap::new();
         let mut own_marker = None;
+        let reserved =
+            |name: &str| dir == ROOT && self.cfg.reserved_root_name.as_deref() == Some(name);
         for p in &page.common_prefixes {
             let name = p[prefix.len()..].trim_end_matches('/');
+            if reserved(name) {
+                continue;
+            }
             if check_name(name).is_err() {
                 warn!("{p}: skipping a prefix whose name no file can have");
                 continue;
@@ -441,6 +472,9 @@ impl Vfs {
             let name = &o.key[prefix.len()..];
             if name.is_empty() {
                 own_marker = Some(o);
+                continue;
+            }
+            if reserved(name) {
                 continue;
             }
             if check_name(name).is_err() {
@@ -462,6 +496,7 @@ impl Vfs {
                 0
             });
             let mut inode = Inode::new(dir, name.to_string(), attr);
+            inode.etag = Some(o.etag.clone());
             if let Some(m) = &o.metadata {
                 inode.xattrs = attr::xattrs_from_metadata(m);
             } else {
@@ -481,8 +516,51 @@ impl Vfs {
             i.xattrs = attr::xattrs_from_metadata(&m.0);
             i.attr_loaded = true;
         }
-        t.get_mut(dir)?.children = Some(BTreeMap::new());
-        for (name, inode) in entries {
+        if refresh {
+            Self::merge_listing(&mut t, dir, entries)?;
+        } else {
+            t.get_mut(dir)?.children = Some(BTreeMap::new());
+            for (name, inode) in entries {
+                t.insert(dir, &name, inode);
+            }
+        }
+        t.get_mut(dir)?.listed_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Applies a new listing of a directory listed before: entries other clients added
+    /// appear, those they removed go, files they changed are read afresh. Nothing this
+    /// mount holds open or has not stored yet is touched.
+    fn merge_listing(t: &mut Table, dir: u64, mut listed: BTreeMap<String, Inode>) -> FsResult<()> {
+        let current = t.get(dir)?.children.clone().unwrap_or_default();
+        for (name, ino) in current {
+            let Some(i) = t.inodes.get_mut(&ino) else {
+                continue;
+            };
+            let busy = i.open > 0 || i.meta_dirty || i.pending_delete.is_some();
+            match listed.remove(&name) {
+                None if busy || (i.attr.kind == Kind::Dir && i.children.is_some()) => {}
+                None => {
+                    if let Some(c) = t.get_mut(dir)?.children.as_mut() {
+                        c.remove(&name);
+                    }
+                }
+                Some(new) => {
+                    let changed = i.attr.kind == Kind::File
+                        && new.attr.kind == Kind::File
+                        && i.etag.is_some()
+                        && new.etag != i.etag;
+                    if changed && !busy {
+                        i.attr = new.attr;
+                        i.attr_loaded = new.attr_loaded;
+                        i.xattrs = new.xattrs;
+                        i.file = new.file;
+                        i.etag = new.etag;
+                    }
+                }
+            }
+        }
+        for (name, inode) in listed {
             t.insert(dir, &name, inode);
         }
         Ok(())
@@ -639,6 +717,7 @@ impl Vfs {
     /// Reserves `name` in `parent` for a new inode, failing with EEXIST if taken.
     /// Also refuses a name whose object key would be too long for the store.
     fn reserve(&self, parent: u64, name: &str, inode: Inode) -> FsResult<(u64, String)> {
+        self.check_not_reserved(parent, name)?;
         let mut t = self.table.lock();
         if t.get(parent)?.unlinked {
             return Err(FsError::new(libc::ENOENT, "directory was removed"));
@@ -657,6 +736,16 @@ impl Vfs {
         let ino = t.insert(parent, name, inode);
         t.get_mut(ino)?.lookups = 1;
         Ok((ino, path))
+    }
+
+    fn check_not_reserved(&self, parent: u64, name: &str) -> FsResult<()> {
+        if parent == ROOT && self.cfg.reserved_root_name.as_deref() == Some(name) {
+            return Err(FsError::new(
+                libc::EPERM,
+                format!("{name} is reserved for the store's own data"),
+            ));
+        }
+        Ok(())
     }
 
     fn unreserve(&self, parent: u64, name: &str, ino: u64) {
@@ -1254,6 +1343,7 @@ impl Vfs {
         self.check_writable()?;
         check_name(name)?;
         check_name(newname)?;
+        self.check_not_reserved(newparent, newname)?;
         self.ensure_loaded(parent).await?;
         self.ensure_loaded(newparent).await?;
         let _ns = self.namespace.write().await;
@@ -1526,7 +1616,12 @@ impl Vfs {
             c(&self.cache.hits),
             c(&self.cache.misses),
             self.cache.bytes()
-        )
+        ) + &self
+            .store
+            .request_stats()
+            .iter()
+            .map(|(k, v)| format!("; {k} {v}"))
+            .collect::<String>()
     }
 
     /// The path of an inode, for log messages.

@@ -105,7 +105,7 @@ impl TestStore {
     }
 }
 
-fn rand_suffix() -> String {
+pub fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
@@ -133,15 +133,22 @@ pub struct Mount {
 
 impl Mount {
     pub fn start(store: &Path, mnt: &Path, key: &Path, extra: &[&str]) -> Mount {
-        let log = mnt.with_extension("log");
-        let logf = fs::File::create(&log).unwrap();
-        let child = Command::new(coffer_bin())
-            .arg("mount")
+        let mut cmd = Command::new(coffer_bin());
+        cmd.arg("mount")
             .arg(store)
             .arg(mnt)
             .arg("--key")
             .arg(key)
-            .args(extra)
+            .args(extra);
+        Mount::start_cmd(cmd, mnt)
+    }
+
+    /// Runs a prepared `coffer mount` command (arguments and environment set) and waits
+    /// until the mount answers.
+    pub fn start_cmd(mut cmd: Command, mnt: &Path) -> Mount {
+        let log = mnt.with_extension("log");
+        let logf = fs::File::create(&log).unwrap();
+        let child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -377,6 +384,8 @@ pub fn test_vfs(
             read_only: false,
             meta_flush_interval: Duration::from_secs(1),
             write_buffer_bytes: None,
+            metadata_ttl: None,
+            reserved_root_name: None,
         },
     )
 }
