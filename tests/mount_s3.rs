@@ -304,3 +304,266 @@ fn tls_mount_needs_the_ca_bundle() {
     let err = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
     assert!(err.contains("certificate"), "{err}");
 }
+
+#[path = "common/proxy.rs"]
+mod proxy;
+
+fn stat_in(log: &str, name: &str) -> u64 {
+    // The last statistics line: "...; retries N; failed M".
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("stats:"))
+        .unwrap_or_else(|| panic!("no stats line in:\n{log}"));
+    line.split("; ")
+        .find_map(|part| part.trim().strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+#[test]
+fn rsync_survives_throttling_and_resets() {
+    require_fuse();
+    require_tool("rsync", "rsync");
+    let g = s3::garage();
+    let dir = tmp();
+    let key = dir.path().join("root.key");
+    let source = g.fresh_source("faults");
+    g.init(&source, &["--key", key.to_str().unwrap()]);
+    let p = proxy::start(g.endpoint.trim_start_matches("http://"));
+    let faulty = s3::S3Server {
+        endpoint: p.endpoint.clone(),
+        ..g.clone()
+    };
+    let k = ["--key", key.to_str().unwrap()];
+    let m = faulty.mount(&source, dir.path(), &k);
+    p.faults
+        .slowdown_permille
+        .store(100, std::sync::atomic::Ordering::Relaxed);
+    p.faults
+        .reset_permille
+        .store(20, std::sync::atomic::Ordering::Relaxed);
+    let src = dir.path().join("src");
+    make_tree(&src, 40);
+    fs::create_dir(src.join("many")).unwrap();
+    for i in 0..400 {
+        fs::write(
+            src.join(format!("many/f{i}")),
+            format!("small file {i}\n").repeat(i),
+        )
+        .unwrap();
+    }
+    sh(&format!(
+        "rsync -a '{}/' '{}/'",
+        src.display(),
+        m.p("tree").display()
+    ));
+    let back = dir.path().join("back");
+    sh(&format!(
+        "rsync -a '{}/' '{}/'",
+        m.p("tree").display(),
+        back.display()
+    ));
+    assert_trees_equal(&src, &back);
+    let log = m.unmount();
+    eprintln!("proxy: {}", p.stats.line());
+    let retries = stat_in(&log, "retries");
+    let failed = stat_in(&log, "failed");
+    eprintln!("coffer: {retries} retries, {failed} requests failed after retries");
+    let injected = p.stats.slowdowns.load(std::sync::atomic::Ordering::Relaxed)
+        + p.stats
+            .resets_before
+            .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(injected > 50, "{}", p.stats.line());
+    assert!(
+        retries >= injected,
+        "{retries} retries for {injected} faults"
+    );
+    // Straight to the server, without the proxy: everything is there, whole.
+    let m = g.mount(&source, dir.path(), &k);
+    let back2 = dir.path().join("back2");
+    sh(&format!(
+        "rsync -a '{}/' '{}/'",
+        m.p("tree").display(),
+        back2.display()
+    ));
+    assert_trees_equal(&src, &back2);
+    m.unmount();
+}
+
+/// Total S3 requests of a mount so far, from the statistics it logs on SIGUSR1.
+fn requests_so_far(m: &Mount) -> u64 {
+    let before = m.log_text().matches("stats:").count();
+    sh(&format!("kill -USR1 {}", m.pid()));
+    let start = std::time::Instant::now();
+    while m.log_text().matches("stats:").count() == before {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "no statistics after SIGUSR1"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    stat_in(&m.log_text(), "requests")
+}
+
+#[test]
+fn ls_of_ten_thousand_files_from_another_client() {
+    require_fuse();
+    s3::require_moto(); // boto3
+    let g = s3::garage();
+    let dir = tmp();
+    let source = g.fresh_source("listing");
+    g.init(&source, &["--encryption", "none"]);
+    let prefix = source.trim_start_matches(&format!("s3://{}/", g.bucket));
+    s3::boto3(
+        g,
+        &format!(
+            "from concurrent.futures import ThreadPoolExecutor\n\
+             def put(i):\n    s3.put_object(Bucket=bucket, Key='{prefix}/big/f%05d' % i, Body=b'x' * (i % 100 + 1))\n\
+             with ThreadPoolExecutor(32) as ex:\n    list(ex.map(put, range(10000)))\n"
+        ),
+    );
+    let m = g.mount(&source, dir.path(), &["--metadata-ttl", "120"]);
+    let before = requests_so_far(&m);
+    let t = std::time::Instant::now();
+    let out = sh(&format!("ls -l '{}'", m.p("big").display()));
+    let first = t.elapsed();
+    let after_first = requests_so_far(&m);
+    assert_eq!(out.lines().count(), 10_001, "total line and 10,000 files");
+    assert!(out.contains("-rw-r--r-- 1"), "{}", &out[..300]);
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" 100 ") && l.ends_with("f00099"))
+    );
+    let t = std::time::Instant::now();
+    let again = sh(&format!("ls -l '{}'", m.p("big").display()));
+    let second = t.elapsed();
+    let after_second = requests_so_far(&m);
+    assert_eq!(again, out);
+    eprintln!(
+        "ls -l of 10,000 files: {} requests in {first:?}; again within the TTL: {} requests in {second:?}",
+        after_first - before,
+        after_second - after_first
+    );
+    // One listing page per 1,000 keys plus one HEAD per file for its POSIX attributes.
+    assert!(
+        after_first - before <= 10_000 + 20,
+        "{}",
+        after_first - before
+    );
+    assert_eq!(after_second, after_first, "the second ls sent requests");
+    m.unmount();
+}
+
+#[test]
+fn two_mounts_see_each_other_and_last_close_wins() {
+    require_fuse();
+    let g = s3::garage();
+    let dir = tmp();
+    let key = dir.path().join("root.key");
+    let source = g.fresh_source("shared");
+    g.init(&source, &["--key", key.to_str().unwrap()]);
+    let args = ["--key", key.to_str().unwrap(), "--metadata-ttl", "1"];
+    let a = g.mount(&source, dir.path(), &args);
+    let b = g.mount(&source, dir.path(), &args);
+    assert!(fs::read_dir(&b.path).unwrap().next().is_none());
+    fs::write(a.p("from-a.txt"), b"written by a").unwrap();
+    fs::create_dir(a.p("dir-a")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(fs::read(b.p("from-a.txt")).unwrap(), b"written by a");
+    assert!(b.p("dir-a").is_dir());
+    // Changes and removals show too.
+    fs::write(a.p("from-a.txt"), b"changed by a, longer").unwrap();
+    fs::remove_dir(a.p("dir-a")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(
+        fs::read(b.p("from-a.txt")).unwrap(),
+        b"changed by a, longer"
+    );
+    assert!(!b.p("dir-a").exists());
+    // Both write the same file at once: the result is one whole version.
+    let big_a: Vec<u8> = vec![b'a'; 12 << 20];
+    let big_b: Vec<u8> = vec![b'b'; 9 << 20];
+    std::thread::scope(|s| {
+        s.spawn(|| fs::write(a.p("both.bin"), &big_a).unwrap());
+        s.spawn(|| fs::write(b.p("both.bin"), &big_b).unwrap());
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let seen_a = fs::read(a.p("both.bin")).unwrap();
+    let seen_b = fs::read(b.p("both.bin")).unwrap();
+    a.unmount();
+    b.unmount();
+    let c = g.mount(&source, dir.path(), &args);
+    let stored = fs::read(c.p("both.bin")).unwrap();
+    assert!(stored == big_a || stored == big_b, "a mix of both writes");
+    for seen in [seen_a, seen_b] {
+        assert!(seen == big_a || seen == big_b, "a mount saw a mix");
+    }
+    c.unmount();
+}
+
+/// Fills `buf` with the bytes of a large test file at `offset`: each 8-byte word holds its
+/// own offset, scrambled, so a misplaced or repeated block shows.
+fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+        let at = offset + (i as u64) * 8;
+        w.copy_from_slice(&(at.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bd1e995).to_le_bytes());
+    }
+}
+
+#[test]
+fn a_five_gib_file_streams_as_multipart_in_bounded_memory() {
+    use std::io::{Read, Write};
+    require_fuse();
+    let g = s3::garage();
+    let dir = tmp();
+    let key = dir.path().join("root.key");
+    let source = g.fresh_source("five-gib");
+    g.init(&source, &["--key", key.to_str().unwrap()]);
+    let k = ["--key", key.to_str().unwrap()];
+    let m = g.mount(&source, dir.path(), &k);
+    const SIZE: u64 = 5 << 30;
+    const BLOCK: usize = 8 << 20;
+    let mut buf = vec![0u8; BLOCK];
+    let t = std::time::Instant::now();
+    {
+        let mut f = fs::File::create(m.p("five.bin")).unwrap();
+        let mut off = 0;
+        while off < SIZE {
+            pattern(off, &mut buf);
+            f.write_all(&buf).unwrap();
+            off += BLOCK as u64;
+        }
+        f.sync_all().unwrap();
+    }
+    let wrote = t.elapsed();
+    let rss_mib = m.peak_rss_kib() / 1024;
+    let log = m.unmount();
+    let parts = stat_in(&log, "multipart");
+    eprintln!(
+        "5 GiB written in {wrote:?} ({:.0} MB/s), peak RSS {rss_mib} MiB, {parts} multipart requests",
+        SIZE as f64 / wrote.as_secs_f64() / 1e6
+    );
+    assert!(rss_mib < 400, "peak RSS {rss_mib} MiB while writing");
+    assert!(parts >= 600, "{parts} multipart requests");
+    let m = g.mount(&source, dir.path(), &k);
+    assert_eq!(fs::metadata(m.p("five.bin")).unwrap().len(), SIZE);
+    let t = std::time::Instant::now();
+    let mut f = fs::File::open(m.p("five.bin")).unwrap();
+    let mut want = vec![0u8; BLOCK];
+    let mut off = 0;
+    while off < SIZE {
+        f.read_exact(&mut buf).unwrap();
+        pattern(off, &mut want);
+        assert!(buf == want, "5 GiB file differs in the block at {off}");
+        off += BLOCK as u64;
+    }
+    assert_eq!(f.read(&mut buf).unwrap(), 0);
+    drop(f);
+    eprintln!(
+        "read back in {:?} ({:.0} MB/s)",
+        t.elapsed(),
+        SIZE as f64 / t.elapsed().as_secs_f64() / 1e6
+    );
+    m.unmount();
+}

@@ -1102,6 +1102,7 @@ impl Vfs {
                 let mut t = self.table.lock();
                 if let Ok(i) = t.get_mut(ino) {
                     i.attr.size = fd.size();
+                    i.etag = Some(info.etag.clone());
                     // Attributes stored with the data are current unless they changed since
                     // the upload began.
                     let now_meta = Self::metadata_of(i);

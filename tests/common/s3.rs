@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+#[derive(Clone)]
 pub struct S3Server {
     pub name: &'static str,
     pub endpoint: String,
@@ -246,7 +247,7 @@ pub fn boto3(server: &S3Server, code: &str) -> String {
         "import boto3, botocore, sys\n\
          s3 = boto3.client('s3', endpoint_url='{ep}', region_name='{region}', \
          aws_access_key_id='{ak}', aws_secret_access_key='{sk}', verify={verify}, \
-         config=botocore.config.Config(s3={{'addressing_style': 'path'}}))\n\
+         config=botocore.config.Config(s3={{'addressing_style': 'path'}}, max_pool_connections=32))\n\
          bucket = '{bucket}'\n",
         ep = server.endpoint,
         region = server.region,
@@ -346,8 +347,6 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
             ("AWS_REGION", self.region.clone()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("AWS_CONFIG_FILE", "/nonexistent".into()),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
         ]
     }
 

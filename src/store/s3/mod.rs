@@ -957,6 +957,21 @@ fn urlencode_key(key: &str) -> String {
     out
 }
 
+/// The ETag S3 gives a completed multipart object: the MD5 of the parts' MD5s, then `-N`.
+/// `None` when a part's ETag is not an MD5 (some services use other ETags).
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    use md5::Digest;
+    let mut all = md5::Md5::new();
+    for p in parts {
+        let raw = hex::decode(p.e_tag()?.trim_matches('"')).ok()?;
+        if raw.len() != 16 {
+            return None;
+        }
+        all.update(&raw);
+    }
+    Some(format!("{}-{}", hex::encode(all.finalize()), parts.len()))
+}
+
 /// A multipart upload with up to `parts_in_flight` parts uploading at once.
 struct S3Upload {
     store: S3Store,
@@ -1075,6 +1090,7 @@ impl Upload for S3Upload {
         }
         let mut parts = std::mem::take(&mut self.parts);
         parts.sort_by_key(|p| p.part_number());
+        let expected_etag = multipart_etag(&parts);
         self.store.note(Op::Multipart);
         let result = sse_c!(
             self.store
@@ -1106,6 +1122,26 @@ impl Upload for S3Upload {
             }
             Err(e) => {
                 let e = map_err(&self.key, Op::Multipart, e, false);
+                // A completion that succeeded but whose answer was lost is retried by the
+                // SDK and then finds no upload: the object itself tells whether it is ours.
+                if matches!(e, StoreError::NotFound { .. })
+                    && let Some(expected) = &expected_etag
+                {
+                    let head = GetOptions {
+                        sse: self.sse.clone(),
+                        version_id: None,
+                    };
+                    if let Ok(info) = self.store.head(&self.key, &head).await
+                        && &info.etag == expected
+                    {
+                        self.finished = true;
+                        return Ok(ObjectInfo {
+                            size: self.size,
+                            metadata: Some(self.metadata.clone()),
+                            ..info
+                        });
+                    }
+                }
                 Err(self.fail(e).await)
             }
         }
