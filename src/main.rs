@@ -601,6 +601,11 @@ fn with_policy(
 fn mount_s3(source: &str, mountpoint: PathBuf, keys: &[PathBuf], a: &MountArgs) -> Result<()> {
     let location = S3Location::parse(source)?;
     let s3 = a.s3.options()?;
+    if a.sse_c_key.is_some() && s3.is_plain_http_to_remote() {
+        bail!(
+            "SSE-C sends the key in request headers: refusing a plain http:// endpoint that is not loopback (use https://)"
+        );
+    }
     let rt = runtime()?;
     let (vol, s3store) = rt.block_on(volume::open_s3(&location, &s3, keys))?;
     if vol.config.encryption.server_side == "sse-c" && s3.is_plain_http_to_remote() {
@@ -616,6 +621,7 @@ fn mount_s3(source: &str, mountpoint: PathBuf, keys: &[PathBuf], a: &MountArgs) 
         let probe = GetOptions {
             sse: sse.clone(),
             version_id: None,
+            if_match: None,
         };
         let first = rt.block_on(list_all(
             store.as_ref(),
@@ -670,6 +676,7 @@ impl Opened {
         GetOptions {
             sse: self.sse.clone(),
             version_id: None,
+            if_match: None,
         }
     }
 }

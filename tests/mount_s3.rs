@@ -75,7 +75,9 @@ fn round_trips(server: &s3::S3Server, source: &str, dir: &Path, mount_args: &[&s
         fs::create_dir(m.p(".coffer")).unwrap_err().raw_os_error(),
         Some(libc::EPERM)
     );
-    m.unmount();
+    let log = m.unmount();
+    // Credentials never reach the log.
+    assert!(!log.contains(&server.secret_key) && !log.contains(&server.access_key));
 }
 
 #[test]
@@ -184,6 +186,24 @@ fn sse_c_objects_read_with_boto3_and_the_key_only() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("SSE-C key"), "{err}");
+    // SSE-C never travels in the clear to another host.
+    for sub in ["mount", "init"] {
+        let mut cmd = std::process::Command::new(coffer_bin());
+        cmd.args([sub, &source]);
+        if sub == "mount" {
+            cmd.arg(&mnt).args(["--sse-c-key", wrong.to_str().unwrap()]);
+        } else {
+            cmd.args(["--encryption", "sse-c"]);
+        }
+        let out = cmd
+            .args(["--endpoint-url", "http://192.0.2.1:3900", "--path-style"])
+            .envs(g.env())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("https"), "{sub}: {err}");
+    }
     // Key files readable by others are refused.
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&wrong, fs::Permissions::from_mode(0o644)).unwrap();
@@ -522,7 +542,8 @@ fn a_five_gib_file_streams_as_multipart_in_bounded_memory() {
     g.init(&source, &["--key", key.to_str().unwrap()]);
     let k = ["--key", key.to_str().unwrap()];
     let m = g.mount(&source, dir.path(), &k);
-    const SIZE: u64 = 5 << 30;
+    // Just over 5 GiB: the rename below must copy it part by part (UploadPartCopy).
+    const SIZE: u64 = (5 << 30) + (8 << 20);
     const BLOCK: usize = 8 << 20;
     let mut buf = vec![0u8; BLOCK];
     let t = std::time::Instant::now();
@@ -547,15 +568,19 @@ fn a_five_gib_file_streams_as_multipart_in_bounded_memory() {
     assert!(rss_mib < 400, "peak RSS {rss_mib} MiB while writing");
     assert!(parts >= 600, "{parts} multipart requests");
     let m = g.mount(&source, dir.path(), &k);
-    assert_eq!(fs::metadata(m.p("five.bin")).unwrap().len(), SIZE);
     let t = std::time::Instant::now();
-    let mut f = fs::File::open(m.p("five.bin")).unwrap();
+    fs::rename(m.p("five.bin"), m.p("renamed.bin")).unwrap();
+    eprintln!("renamed (server-side copy) in {:?}", t.elapsed());
+    assert!(!m.p("five.bin").exists());
+    assert_eq!(fs::metadata(m.p("renamed.bin")).unwrap().len(), SIZE);
+    let t = std::time::Instant::now();
+    let mut f = fs::File::open(m.p("renamed.bin")).unwrap();
     let mut want = vec![0u8; BLOCK];
     let mut off = 0;
     while off < SIZE {
         f.read_exact(&mut buf).unwrap();
         pattern(off, &mut want);
-        assert!(buf == want, "5 GiB file differs in the block at {off}");
+        assert!(buf == want, "the 5 GiB file differs in the block at {off}");
         off += BLOCK as u64;
     }
     assert_eq!(f.read(&mut buf).unwrap(), 0);

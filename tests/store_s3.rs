@@ -57,6 +57,7 @@ async fn garage_checks_sse_c_keys() {
     let with = |sse: Sse| GetOptions {
         sse,
         version_id: None,
+        if_match: None,
     };
     let got = s.get("secret", None, &with(sse_c(7))).await.unwrap();
     assert_eq!(&got.body[..], b"plain words");
@@ -167,5 +168,28 @@ async fn tls_needs_the_ca_bundle() {
         text.contains("certificate") || text.contains("unknownissuer"),
         "{e}"
     );
+    assert_eq!(e.errno(), libc::EIO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_pinned_to_an_etag_never_mix_versions() {
+    let s = s3::garage().store("ifmatch").await;
+    let first = s
+        .put("doc", Bytes::from(vec![1u8; 1000]), &PutOptions::default())
+        .await
+        .unwrap();
+    let pinned = GetOptions {
+        if_match: Some(first.etag.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        s.get("doc", Some(0..10), &pinned).await.unwrap().body[..],
+        [1u8; 10]
+    );
+    s.put("doc", Bytes::from(vec![2u8; 1000]), &PutOptions::default())
+        .await
+        .unwrap();
+    let e = s.get("doc", Some(10..20), &pinned).await.unwrap_err();
+    assert!(matches!(e, StoreError::Changed { .. }), "{e:?}");
     assert_eq!(e.errno(), libc::EIO);
 }

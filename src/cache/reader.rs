@@ -43,8 +43,15 @@ impl CommittedObject {
         let plain_size = crypt.geometry().plain_size(info.size)?;
         let metadata = info.metadata.clone().unwrap_or_default();
         let cipher = crypt.open_object(&metadata, &header).await?;
+        // Later reads stay on this version: by its id where the store has versions, else
+        // by its ETag.
+        let version_id = get.version_id.or(info.version_id.clone());
         let get = GetOptions {
-            version_id: get.version_id.or(info.version_id.clone()),
+            if_match: match &version_id {
+                None if !info.etag.is_empty() => Some(info.etag.clone()),
+                _ => None,
+            },
+            version_id,
             ..get
         };
         Ok((

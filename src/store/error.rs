@@ -23,6 +23,8 @@ pub enum StoreError {
     Unavailable { key: String, detail: String },
     #[error("{key}: invalid request: {detail}")]
     Invalid { key: String, detail: String },
+    #[error("{key}: replaced by another client while open for reading")]
+    Changed { key: String },
     #[error("{key}: {context}: {source}")]
     Io {
         key: String,
@@ -85,7 +87,9 @@ impl StoreError {
             StoreError::AccessDenied { .. } | StoreError::WrongKey { .. } => libc::EACCES,
             StoreError::NoSpace { .. } => libc::ENOSPC,
             StoreError::Invalid { .. } => libc::EINVAL,
-            StoreError::Corrupt { .. } | StoreError::Unavailable { .. } => libc::EIO,
+            StoreError::Corrupt { .. }
+            | StoreError::Unavailable { .. }
+            | StoreError::Changed { .. } => libc::EIO,
             StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -101,6 +101,10 @@ pub struct GetOptions {
     pub sse: Sse,
     /// Read this version instead of the latest one.
     pub version_id: Option<String>,
+    /// Read only if the object still has this ETag (S3's `If-Match`), so that reads of an
+    /// object opened earlier never mix in a newer version. Backends that pin versions by
+    /// other means may ignore it.
+    pub if_match: Option<String>,
 }
 
 /// Options of a server-side copy.

@@ -106,6 +106,7 @@ impl ObjectStore for SseKeyHistory {
             let o = GetOptions {
                 sse,
                 version_id: opts.version_id.clone(),
+                if_match: opts.if_match.clone(),
             };
             let range = range.clone();
             async move { self.inner.get(key, range, &o).await }
@@ -118,6 +119,7 @@ impl ObjectStore for SseKeyHistory {
             let o = GetOptions {
                 sse,
                 version_id: opts.version_id.clone(),
+                if_match: opts.if_match.clone(),
             };
             async move { self.inner.head(key, &o).await }
         })
@@ -184,6 +186,7 @@ mod tests {
         let current = GetOptions {
             sse: Sse::Customer(k(3)),
             version_id: None,
+            if_match: None,
         };
         assert_eq!(&s.get("old", None, &current).await.unwrap().body[..], b"1");
         assert!(s.head("old", &current).await.is_ok());

@@ -119,6 +119,7 @@ impl FileData {
         let get = GetOptions {
             sse: ctx.sse.clone(),
             version_id: None,
+            if_match: None,
         };
         let (obj, _) = CommittedObject::open(ctx.store.as_ref(), ctx.crypt, key, get).await?;
         let obj = Arc::new(obj);

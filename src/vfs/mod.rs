@@ -345,6 +345,7 @@ impl Vfs {
         GetOptions {
             sse: self.cfg.sse.clone(),
             version_id: None,
+            if_match: None,
         }
     }
 

@@ -357,17 +357,22 @@ impl S3Store {
             .get_object()
             .bucket(&self.location.bucket)
             .key(self.full(key))
-            .set_version_id(opts.version_id.clone());
+            .set_version_id(opts.version_id.clone())
+            .set_if_match(opts.if_match.as_ref().map(|e| format!("\"{e}\"")));
         if verify {
             req = req.checksum_mode(ChecksumMode::Enabled);
         }
         if let Some(r) = range {
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
-        let resp = sse_c!(req, &opts.sse)
-            .send()
-            .await
-            .map_err(|e| map_err(key, Op::Get, e, is_sse_c(&opts.sse)))?;
+        let resp = sse_c!(req, &opts.sse).send().await.map_err(|e| {
+            match map_err(key, Op::Get, e, is_sse_c(&opts.sse)) {
+                StoreError::PreconditionFailed { key, .. } if opts.if_match.is_some() => {
+                    StoreError::Changed { key }
+                }
+                e => e,
+            }
+        })?;
         let info = ObjectInfo {
             key: key.to_string(),
             size: total_from_content_range(resp.content_range())
@@ -799,6 +804,7 @@ impl ObjectStore for S3Store {
         let head_opts = GetOptions {
             sse: opts.source_sse.clone(),
             version_id: opts.source_version_id.clone(),
+            if_match: None,
         };
         // The size decides between CopyObject and UploadPartCopy; the metadata is what a
         // part-by-part copy must carry over itself.
@@ -1130,6 +1136,7 @@ impl Upload for S3Upload {
                     let head = GetOptions {
                         sse: self.sse.clone(),
                         version_id: None,
+                        if_match: None,
                     };
                     if let Ok(info) = self.store.head(&self.key, &head).await
                         && &info.etag == expected
