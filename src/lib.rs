@@ -8,10 +8,14 @@
 //! - [`store`]: the [`store::ObjectStore`] trait and its backends.
 
 pub mod cache;
+pub mod config;
+pub mod control;
 pub mod crypt;
 pub mod error;
 pub mod fs;
+pub mod logging;
 pub mod mount;
+pub mod progress;
 pub mod store;
 pub mod vfs;
 pub mod volume;

@@ -50,6 +50,12 @@ enum Command {
     Prune(PruneArgs),
     /// Abort multipart uploads of an S3 store left behind by writers that crashed.
     Gc(GcArgs),
+    /// Show the live statistics of a mount.
+    Stats { mountpoint: PathBuf },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (coffer.1 and one per command) into a directory.
+    Man { dir: PathBuf },
 }
 
 /// How to reach an S3 store (`s3://bucket/prefix`). Credentials come from the standard AWS
@@ -154,8 +160,18 @@ struct InitArgs {
 struct MountArgs {
     /// SOURCE (a local store path or s3://BUCKET/PREFIX) and MOUNTPOINT, or just MOUNTPOINT
     /// for the default store.
-    #[arg(num_args = 1..=2, required = true)]
+    #[arg(num_args = 0..=2)]
     paths: Vec<PathBuf>,
+    /// A config file holding these options (NAME for /etc/coffer/NAME.toml, or a path);
+    /// the command line overrides it.
+    #[arg(long)]
+    config: Option<String>,
+    /// Serve the statistics to Prometheus on this loopback address (127.0.0.1:9464).
+    #[arg(long)]
+    prometheus: Option<String>,
+    /// Log filter, as RUST_LOG: error, warn, info, debug, or per module (coffer=debug).
+    #[arg(long)]
+    log: Option<String>,
     #[command(flatten)]
     s3: S3Args,
     /// SSE-C key file of an SSE-C store: one base64 key per line, the first for writes, the
@@ -258,25 +274,35 @@ struct RestoreArgs {
 const READY_FD_ENV: &str = "COFFER_READY_FD";
 
 fn init_logging(command: &Command) -> Result<()> {
-    let (level, log_file) = match command {
-        Command::Mount(a) => ("info", a.log_file.clone()),
-        _ => ("warn", None),
+    let (level, log_file, detached) = match command {
+        Command::Mount(a) => (
+            a.log.clone().unwrap_or_else(|| "info".into()),
+            a.log_file.clone(),
+            a.daemon,
+        ),
+        _ => ("warn".to_string(), None, false),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = match command {
+        // An explicit --log (or -o log=) wins over the environment.
+        Command::Mount(a) if a.log.is_some() => tracing_subscriber::EnvFilter::try_new(&level)
+            .map_err(|e| anyhow!("--log {level}: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level)),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match log_file {
         Some(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
+            let f = coffer::logging::LogFile::open(&path)
                 .with_context(|| format!("opening log file {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(f))
-                .init();
+            builder.with_ansi(false).with_writer(f).init();
         }
+        // A detached mount outlives the terminal that started it: syslog (and so the
+        // journal) gets its log, unless systemd already collects standard error.
+        None if detached && std::env::var_os("JOURNAL_STREAM").is_none() => builder
+            .with_ansi(false)
+            .without_time()
+            .with_writer(coffer::logging::Syslog::init())
+            .init(),
         None => builder
             .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .with_writer(std::io::stderr)
@@ -303,7 +329,7 @@ fn report_ready(msg: &str) {
 
 /// `coffer mount -d`: runs the mount in a new session and returns once it is ready (or
 /// failed, with its reason).
-fn run_detached(log_to_file: bool) -> Result<()> {
+fn run_detached(args: &[String], log_to_file: bool) -> Result<()> {
     use std::os::unix::io::FromRawFd;
     use std::os::unix::process::CommandExt;
     let mut fds = [0i32; 2];
@@ -313,7 +339,8 @@ fn run_detached(log_to_file: bool) -> Result<()> {
     }
     let (r, w) = (fds[0], fds[1]);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(std::env::args_os().skip(1))
+    // The arguments as expanded (a mount helper's own are in another form).
+    cmd.args(&args[1..])
         .env(READY_FD_ENV, w.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
@@ -348,13 +375,120 @@ fn run_detached(log_to_file: bool) -> Result<()> {
     bail!("{}", msg.trim_start_matches("error: ").trim());
 }
 
+/// Turns `-o name=value` options that name a `coffer mount` option into that option
+/// (`-o key=/etc/root.key` is `--key /etc/root.key`); the others stay mount options.
+fn expand_mount_options(args: Vec<String>) -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let Some(pos) = args.iter().position(|a| a == "mount") else {
+        return args;
+    };
+    let mount = cmd.find_subcommand("mount").expect("a mount command");
+    let flags: Vec<(String, bool)> = mount
+        .get_arguments()
+        .filter_map(|a| {
+            let long = a.get_long()?.to_string();
+            (long != "options").then(|| (long, a.get_action().takes_values()))
+        })
+        .collect();
+    let mut out: Vec<String> = args[..=pos].to_vec();
+    let mut it = args[pos + 1..].iter();
+    while let Some(a) = it.next() {
+        let value = if a == "-o" {
+            match it.next() {
+                Some(v) => v.clone(),
+                None => {
+                    out.push(a.clone());
+                    break;
+                }
+            }
+        } else if let Some(v) = a.strip_prefix("-o").filter(|v| !v.is_empty()) {
+            v.to_string()
+        } else {
+            out.push(a.clone());
+            continue;
+        };
+        let mut rest = Vec::new();
+        for opt in value.split(',').filter(|o| !o.is_empty()) {
+            let (name, v) = match opt.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (opt, None),
+            };
+            let long = name.replace('_', "-");
+            match flags.iter().find(|(f, _)| *f == long) {
+                Some((f, true)) if v.is_some() => {
+                    out.push(format!("--{f}"));
+                    out.push(v.unwrap_or_default().to_string());
+                }
+                Some((f, false)) if v.is_none() || v == Some("true") => out.push(format!("--{f}")),
+                _ => rest.push(opt.to_string()),
+            }
+        }
+        if !rest.is_empty() {
+            out.push("-o".into());
+            out.push(rest.join(","));
+        }
+    }
+    out
+}
+
+/// `mount -t fuse.coffer SOURCE DIR -o OPTS` runs `/sbin/mount.fuse.coffer SOURCE DIR -o OPTS`
+/// (this binary under that name): the same as `coffer mount SOURCE DIR --daemon -o OPTS`,
+/// returning once the mount answers.
+fn helper_args(args: Vec<String>) -> Vec<String> {
+    let name = Path::new(&args[0])
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if !name.starts_with("mount.") {
+        return args;
+    }
+    let mut out = vec!["coffer".to_string(), "mount".to_string()];
+    let mut it = args.into_iter().skip(1);
+    let mut positional = Vec::new();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => {
+                if let Some(v) = it.next() {
+                    out.push("-o".into());
+                    out.push(v);
+                }
+            }
+            // -n (no mtab), -s (sloppy), -v (verbose): nothing to do.
+            "-n" | "-s" | "-v" => {}
+            // -f: fake, do everything but mount.
+            "-f" => std::process::exit(0),
+            "-t" => {
+                it.next();
+            }
+            o if o.starts_with("-o") => {
+                out.push("-o".into());
+                out.push(o[2..].to_string());
+            }
+            _ => positional.push(a),
+        }
+    }
+    out.splice(2..2, positional);
+    out.push("--daemon".into());
+    out
+}
+
 fn main() {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let args = expand_mount_options(helper_args(std::env::args().collect()));
+    let matches = Cli::command().get_matches_from(&args);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Mount(a) = &mut cli.command
+        && let Err(e) = apply_config(a, matches.subcommand_matches("mount").expect("mount"))
+    {
+        eprintln!("coffer: {e:#}");
+        std::process::exit(1);
+    }
     if let Command::Mount(a) = &cli.command
         && a.daemon
         && std::env::var_os(READY_FD_ENV).is_none()
     {
-        if let Err(e) = run_detached(a.log_file.is_some()) {
+        if let Err(e) = run_detached(&args, a.log_file.is_some()) {
             eprintln!("coffer: {e:#}");
             std::process::exit(1);
         }
@@ -384,12 +518,116 @@ fn main() {
         Command::Restore(a) => restore(a),
         Command::Prune(a) => prune(a),
         Command::Gc(a) => gc(a),
+        Command::Stats { mountpoint } => {
+            coffer::control::query(&mountpoint).map(|text| print!("{text}"))
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "coffer", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man_pages(&dir),
     };
     if let Err(e) = result {
         report_ready(&format!("error: {e:#}"));
         eprintln!("coffer: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Fills in what the command line did not give from the config file, if there is one.
+fn apply_config(a: &mut MountArgs, m: &clap::ArgMatches) -> Result<()> {
+    use clap::parser::ValueSource;
+    let Some(name) = &a.config else {
+        if a.paths.is_empty() {
+            bail!("coffer mount needs a MOUNTPOINT (and a SOURCE), or --config");
+        }
+        return Ok(());
+    };
+    let f = coffer::config::MountFile::read(&coffer::config::resolve(name))?;
+    let unset = |id: &str| m.value_source(id) != Some(ValueSource::CommandLine);
+    match (a.paths.len(), &f.source, &f.mountpoint) {
+        (0, Some(src), Some(mnt)) => a.paths = vec![PathBuf::from(src), mnt.clone()],
+        (0, None, Some(mnt)) => a.paths = vec![mnt.clone()],
+        (0, _, None) => bail!("{name}: no mountpoint in the config file nor on the command line"),
+        (1, Some(src), _) => a.paths.insert(0, PathBuf::from(src)),
+        _ => {}
+    }
+    macro_rules! take {
+        ($field:ident) => {
+            if unset(stringify!($field))
+                && let Some(v) = f.$field.clone()
+            {
+                a.$field = v;
+            }
+        };
+        (opt $field:ident) => {
+            if unset(stringify!($field)) && f.$field.is_some() {
+                a.$field = f.$field.clone();
+            }
+        };
+    }
+    take!(key);
+    take!(cache_size);
+    take!(memory_limit);
+    take!(scrub_interval);
+    take!(metadata_ttl);
+    take!(require_encryption);
+    take!(opt cache_dir);
+    take!(opt log_file);
+    take!(opt log);
+    take!(opt sse_c_key);
+    take!(opt prometheus);
+    if let Some(o) = &f.options {
+        // Options from the file come first; those on the command line add to them.
+        let mut all = o.clone();
+        all.append(&mut a.options);
+        a.options = all;
+    }
+    if let Some(s3) = &f.s3 {
+        let t = &mut a.s3;
+        if unset("endpoint_url") && s3.endpoint_url.is_some() {
+            t.endpoint_url = s3.endpoint_url.clone();
+        }
+        if unset("region") && s3.region.is_some() {
+            t.region = s3.region.clone();
+        }
+        if unset("profile") && s3.profile.is_some() {
+            t.profile = s3.profile.clone();
+        }
+        if unset("path_style")
+            && let Some(p) = s3.path_style
+        {
+            t.path_style = p;
+        }
+        if unset("ca_bundle") && s3.ca_bundle.is_some() {
+            t.ca_bundle = s3.ca_bundle.clone();
+        }
+        if unset("checksum")
+            && let Some(c) = &s3.checksum
+        {
+            t.checksum = c.clone();
+        }
+    }
+    Ok(())
+}
+
+fn man_pages(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut pages = vec![(String::from("coffer"), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((format!("coffer-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, c) in pages {
+        let mut out = Vec::new();
+        // clap wants a 'static name; this command exits right after.
+        let title: &'static str = Box::leak(name.clone().into_boxed_str());
+        clap_mangen::Man::new(c.name(title)).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -560,6 +798,11 @@ fn mount(a: MountArgs) -> Result<()> {
         fsname: format!("coffer:{}", source.display()),
         metadata_ttl: None,
         reserved_root_name: None,
+        prometheus: a
+            .prometheus
+            .as_deref()
+            .map(coffer::control::check_loopback)
+            .transpose()?,
         scrub: (a.scrub_interval > 0.0)
             .then(|| {
                 vol.local.clone().map(|l| {
@@ -658,6 +901,11 @@ fn mount_s3(source: &str, mountpoint: PathBuf, keys: &[PathBuf], a: &MountArgs) 
         scrub: None,
         metadata_ttl: Some(std::time::Duration::from_secs_f64(a.metadata_ttl.max(0.0))),
         reserved_root_name: Some(volume::RESERVED_NAME.to_string()),
+        prometheus: a
+            .prometheus
+            .as_deref()
+            .map(coffer::control::check_loopback)
+            .transpose()?,
     };
     let store = with_policy(store, &vol.crypt, a.require_encryption);
     coffer::mount::run(rt, store, vol.crypt, sse, opts, || report_ready("ready\n"))
@@ -809,7 +1057,13 @@ fn cat(a: ReadArgs) -> Result<()> {
         let mut out = std::io::stdout().lock();
         let step = 8 << 20;
         let mut off = 0;
+        // Only large copies are worth a progress display.
+        let mut progress =
+            (obj.plain_size >= 256 << 20).then(|| coffer::progress::Progress::new("cat", "bytes"));
         while off < obj.plain_size {
+            if let Some(p) = &mut progress {
+                p.update(off, obj.plain_size);
+            }
             let data = obj
                 .read(vol.store.as_ref(), &cache, off..off + step)
                 .await
@@ -819,6 +1073,9 @@ fn cat(a: ReadArgs) -> Result<()> {
             off += step;
         }
         out.flush()?;
+        if let Some(p) = progress {
+            p.finish();
+        }
         Ok(())
     })
 }
@@ -828,32 +1085,11 @@ fn scrub_cmd(a: ScrubArgs) -> Result<()> {
     let cfg = volume::VolumeConfig::read(&a.source)?;
     let store = coffer::store::local::LocalStore::open(&cfg.local_store_config(&a.source)?)
         .map_err(|e| anyhow!("{e}"))?;
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} keys ({eta} left)")
-                .expect("valid template"),
-        );
-        Some(b)
-    } else {
-        None
-    };
-    let mut last_line = std::time::Instant::now();
-    let report = scrub::scrub(&store, a.repair, &mut |done, total| match &bar {
-        Some(b) => {
-            b.set_length(total);
-            b.set_position(done);
-        }
-        None => {
-            if last_line.elapsed().as_secs() >= 10 {
-                eprintln!("scrub: {done}/{total} keys");
-                last_line = std::time::Instant::now();
-            }
-        }
+    let mut progress = coffer::progress::Progress::new("scrub", "keys");
+    let report = scrub::scrub(&store, a.repair, &mut |done, total| {
+        progress.update(done, total)
     })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     for d in &report.damage {
         eprintln!("{d:?}");
     }
@@ -974,29 +1210,15 @@ fn key_rotate(source: &str, to: &Path, keys: &[PathBuf], s3: &S3Args) -> Result<
             anyhow!("this store is not encrypted on the client: nothing to rotate")
         })?;
     let new: Arc<dyn KeyProvider> = Arc::new(volume::load_keys(&[to.to_path_buf()])?);
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} objects ({eta} left)")
-                .expect("valid template"),
-        );
-        b
-    });
+    let mut progress = coffer::progress::Progress::new("key rotate", "objects");
     let report = rt.block_on(coffer::crypt::rotate::rotate(
         vol.store.as_ref(),
         "",
         &from,
         &new,
-        &mut |done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
+        &mut |done, total| progress.update(done, total),
     ))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     // From now on the store expects the new key.
     let mut cfg = vol.config.clone();
     cfg.encryption.key_ids = new.key_ids();

@@ -31,6 +31,8 @@ pub struct MountOptions {
     pub metadata_ttl: Option<Duration>,
     /// A top-level name the mount hides (the store's own data).
     pub reserved_root_name: Option<String>,
+    /// Serve the statistics to Prometheus on this loopback address.
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 /// What the `-o` options ask of the kernel and of the vfs.
@@ -239,7 +241,33 @@ pub fn run(
             }
         })
     });
+    // Live statistics for `coffer stats` and, if asked, Prometheus.
+    let control = match rt.block_on(async { crate::control::bind(&opts.mountpoint) }) {
+        Ok((listener, path)) => {
+            let task = rt.spawn(crate::control::serve(
+                listener,
+                vfs.clone(),
+                opts.mountpoint.clone(),
+            ));
+            Some((task, path))
+        }
+        Err(e) => {
+            warn!("no control socket for `coffer stats`: {e:#}");
+            None
+        }
+    };
+    let prometheus = match opts.prometheus {
+        Some(addr) => {
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("binding the Prometheus endpoint {addr}"))?;
+            info!("Prometheus metrics on http://{addr}/metrics");
+            Some(rt.spawn(crate::control::serve_prometheus(listener, vfs.clone())))
+        }
+        None => None,
+    };
     ready();
+    crate::logging::sd_notify("READY=1");
     info!("mounted at {}", opts.mountpoint.display());
 
     // Wait for a signal, or for the kernel to end the session (fusermount3 -u, umount).
@@ -251,11 +279,16 @@ pub fn run(
         let mut term = signal(SignalKind::terminate()).expect("signal handler");
         let mut int = signal(SignalKind::interrupt()).expect("signal handler");
         let mut usr1 = signal(SignalKind::user_defined1()).expect("signal handler");
+        let mut hup = signal(SignalKind::hangup()).expect("signal handler");
         let why = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = usr1.recv() => info!("{}", stats_vfs.stats_line()),
+                _ = hup.recv() => {
+                    crate::logging::reopen();
+                    info!("SIGHUP: log file reopened");
+                }
             }
         };
         let _ = tx.send(why);
@@ -267,6 +300,7 @@ pub fn run(
             Err(_) => {}
         }
     };
+    crate::logging::sd_notify("STOPPING=1");
     let joined = match signalled {
         Some(why) => {
             info!("{why}: committing open files and unmounting");
@@ -285,6 +319,13 @@ pub fn run(
     let _ = rt.block_on(flusher);
     if let Some(s) = scrubber {
         s.abort();
+    }
+    if let Some((task, path)) = control {
+        task.abort();
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(p) = prometheus {
+        p.abort();
     }
     if let Err(e) = rt.block_on(vfs.flush_everything()) {
         error!("committing open files at unmount: {e}");

@@ -228,6 +228,9 @@ pub fn init_local(o: &InitLocal) -> Result<VolumeConfig> {
     Ok(cfg)
 }
 
+/// How long taking a busy store's lock is retried.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A held store lock (released on drop).
 pub struct StoreLock(#[allow(dead_code)] File);
 
@@ -246,12 +249,18 @@ pub fn lock_store(path: &Path, exclusive: bool) -> Result<StoreLock> {
     } else {
         libc::LOCK_SH
     } | libc::LOCK_NB;
+    // A mount that was just unmounted may still be finishing its last commits: give it a
+    // few seconds before calling the store busy.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
     // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
-        bail!(
-            "{} is in use by another coffer process (mounted, or a scrub is running)",
-            path.display()
-        );
+    while unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "{} is in use by another coffer process (mounted, or a scrub is running)",
+                path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     Ok(StoreLock(file))
 }

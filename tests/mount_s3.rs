@@ -511,13 +511,17 @@ fn two_mounts_see_each_other_and_last_close_wins() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let seen_a = fs::read(a.p("both.bin")).unwrap();
     let seen_b = fs::read(b.p("both.bin")).unwrap();
-    a.unmount();
-    b.unmount();
+    let logs = format!("mount a:\n{}\nmount b:\n{}", a.unmount(), b.unmount());
     let c = g.mount(&source, dir.path(), &args);
     let stored = fs::read(c.p("both.bin")).unwrap();
     assert!(stored == big_a || stored == big_b, "a mix of both writes");
-    for seen in [seen_a, seen_b] {
-        assert!(seen == big_a || seen == big_b, "a mount saw a mix");
+    for (who, seen) in [("a", seen_a), ("b", seen_b)] {
+        let a_bytes = seen.iter().filter(|&&c| c == b'a').count();
+        assert!(
+            seen == big_a || seen == big_b,
+            "mount {who} saw a mix: {} bytes, {a_bytes} of them from a\n{logs}",
+            seen.len()
+        );
     }
     c.unmount();
 }

@@ -66,6 +66,11 @@ impl MemoryBudget {
     }
 
     /// Bytes not reserved now.
+    /// Bytes reserved now.
+    pub fn in_use(&self) -> usize {
+        (self.units as usize - self.sem.available_permits()) * UNIT
+    }
+
     pub fn available(&self) -> usize {
         self.sem.available_permits() * UNIT
     }

@@ -1115,8 +1115,19 @@ impl Vfs {
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 error!("{key}: committing the file failed: {e}");
-                if let Ok(i) = self.table.lock().get_mut(ino) {
+                let mut t = self.table.lock();
+                let parent = t.get_mut(ino).map(|i| {
                     i.attr.size = fd.size();
+                    // What the store holds now (perhaps another client's version: a
+                    // concurrent upload of the same key can win) is read afresh at the
+                    // next listing, which comes at the next lookup.
+                    i.etag = Some(String::new());
+                    i.parent
+                });
+                if let Ok(p) = parent
+                    && let Ok(dir) = t.get_mut(p)
+                {
+                    dir.listed_at = None;
                 }
                 Err(e)
             }
@@ -1607,6 +1618,33 @@ impl Vfs {
     }
 
     /// The mount's counters, one line.
+    /// Every counter of the mount, by name: the vfs, the chunk cache, memory, and the
+    /// store's requests (for the log, `coffer stats` and Prometheus).
+    pub fn stats_pairs(&self) -> Vec<(String, u64)> {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut v: Vec<(String, u64)> = vec![
+            ("bytes_read".into(), c(&self.stats.bytes_read)),
+            ("bytes_written".into(), c(&self.stats.bytes_written)),
+            ("files_committed".into(), c(&self.stats.files_committed)),
+            ("errors".into(), c(&self.stats.errors)),
+            ("cache_hits".into(), c(&self.cache.hits)),
+            ("cache_misses".into(), c(&self.cache.misses)),
+            ("cache_bytes".into(), self.cache.bytes() as u64),
+            (
+                "write_buffer_bytes".into(),
+                self.budget.as_ref().map_or(0, |b| b.in_use() as u64),
+            ),
+            ("resident_bytes".into(), resident_bytes()),
+        ];
+        v.extend(
+            self.store
+                .request_stats()
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n)),
+        );
+        v
+    }
+
     pub fn stats_line(&self) -> String {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
@@ -1634,4 +1672,16 @@ impl Vfs {
             .map(|p| format!("/{p}"))
             .unwrap_or_else(|_| format!("inode {ino}"))
     }
+}
+
+/// Resident memory of this process, from /proc (0 where unknown).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }

@@ -166,7 +166,8 @@ impl Mount {
 
     fn wait_mounted(&mut self) {
         let start = Instant::now();
-        while !is_mounted(&self.path) {
+        // Mounted and answering (a stale mount of a killed process is in the table too).
+        while !(is_mounted(&self.path) && fs::metadata(&self.path).is_ok()) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("coffer mount exited with {status}:\n{}", self.log_text());
             }
@@ -236,6 +237,15 @@ impl Mount {
                 .arg("-uz")
                 .arg(&self.path)
                 .status();
+        }
+    }
+
+    /// Kills the mount process with SIGKILL and leaves its dead mount behind ("Transport
+    /// endpoint is not connected"), as a crash does.
+    pub fn kill_leaving_stale_mount(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

@@ -71,6 +71,8 @@ struct Inner {
     /// Last version id's time part, to keep ids increasing within this process.
     clock: Mutex<u64>,
     repairs: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Replicas rewritten by repairs on read, for the statistics.
+    repaired: std::sync::atomic::AtomicU64,
     /// Test hook: writes to these replicas fail with the given fault.
     replica_faults: Mutex<BTreeMap<usize, FaultKind>>,
     sse_store_key: Option<super::SseCustomerKey>,
@@ -118,6 +120,7 @@ impl LocalStore {
                 versioning: cfg.versioning,
                 clock: Mutex::new(0),
                 repairs: Mutex::new(Vec::new()),
+                repaired: Default::default(),
                 replica_faults: Mutex::new(BTreeMap::new()),
                 sse_store_key: cfg.sse_store_key.clone(),
                 require_encryption: cfg.require_encryption,
@@ -648,7 +651,12 @@ impl Inner {
         let v = v.clone();
         let handle =
             tokio::task::spawn_blocking(move || match inner.repair(&key, &v, good, &bad) {
-                Ok(()) => warn!("{key}: repaired replicas {bad:?} from replica {good}"),
+                Ok(()) => {
+                    inner
+                        .repaired
+                        .fetch_add(bad.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    warn!("{key}: repaired replicas {bad:?} from replica {good}")
+                }
                 Err(e) => tracing::error!("{key}: repair of replicas {bad:?} failed: {e}"),
             });
         let mut repairs = self.repairs.lock();
@@ -1016,6 +1024,15 @@ impl ObjectStore for LocalStore {
                 .collect::<Vec<_>>()
                 .join(", ")
         )
+    }
+
+    fn request_stats(&self) -> Vec<(&'static str, u64)> {
+        vec![(
+            "replicas_repaired",
+            self.inner
+                .repaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )]
     }
 
     fn limits(&self) -> StoreLimits {
