@@ -215,9 +215,15 @@ struct MountArgs {
 
 #[derive(Subcommand)]
 enum KeyCommand {
-    /// Create a new random root key file (mode 0600).
-    New { file: PathBuf },
-    /// Print the id of a root key file (the id stores and error messages name).
+    /// Create a new random root key file (mode 0600), or with --pair a public key file
+    /// (for hosts that only write) and a private key file (0600, to read).
+    New {
+        file: PathBuf,
+        /// FILE is the public key; this is the private key.
+        #[arg(long, value_name = "PRIVATE_FILE")]
+        pair: Option<PathBuf>,
+    },
+    /// Print the id of a key file (the id stores and error messages name).
     Id { file: PathBuf },
     /// Rewrap every object's data key under a new root key (metadata only: no data moves).
     /// Resumable: run it again after an interruption.
@@ -501,16 +507,20 @@ fn main() {
     let result = match cli.command {
         Command::Init(a) => init(a),
         Command::Mount(a) => mount(a),
-        Command::Key(KeyCommand::New { file }) => key_new(&file),
+        Command::Key(KeyCommand::New { file, pair: None }) => key_new(&file),
+        Command::Key(KeyCommand::New {
+            file,
+            pair: Some(private),
+        }) => key_new_pair(&file, &private),
         Command::Key(KeyCommand::Rotate {
             source,
             to,
             key,
             s3,
         }) => key_rotate(&source, &to, &key, &s3),
-        Command::Key(KeyCommand::Id { file }) => RootKey::read(&file)
-            .map(|k| println!("{}", k.id_hex()))
-            .map_err(|e| anyhow!("{e}")),
+        Command::Key(KeyCommand::Id { file }) => {
+            volume::load_key_file(&file).map(|k| println!("{}", k.key_ids()[0]))
+        }
         Command::Ls(a) => ls(a),
         Command::Cat(a) => cat(a),
         Command::Scrub(a) => scrub_cmd(a),
@@ -650,12 +660,30 @@ fn key_new(file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads a key file, or creates it if it does not exist; returns its id.
+fn key_new_pair(public: &Path, private: &Path) -> Result<()> {
+    for f in [public, private] {
+        if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let pair = coffer::crypt::keypair::KeyPair::generate();
+    pair.write_new(public, private)
+        .map_err(|e| anyhow!("{e}"))?;
+    eprintln!(
+        "created key pair {}: public key {} (writes only), private key {} (reads everything; keep it off the hosts that only write backups)",
+        pair.id_hex(),
+        public.display(),
+        private.display()
+    );
+    Ok(())
+}
+
+/// Reads a key file, or creates a symmetric one if it does not exist; returns its id.
 fn key_for_init(file: &Path) -> Result<String> {
     if !file.exists() {
         key_new(file)?;
     }
-    Ok(RootKey::read(file).map_err(|e| anyhow!("{e}"))?.id_hex())
+    Ok(volume::load_key_file(file)?.key_ids()[0].clone())
 }
 
 /// `--encryption MODE` (or `--no-encryption`) as (client-side on, server-side mode).
@@ -1209,7 +1237,7 @@ fn key_rotate(source: &str, to: &Path, keys: &[PathBuf], s3: &S3Args) -> Result<
         vol.crypt.provider().cloned().ok_or_else(|| {
             anyhow!("this store is not encrypted on the client: nothing to rotate")
         })?;
-    let new: Arc<dyn KeyProvider> = Arc::new(volume::load_keys(&[to.to_path_buf()])?);
+    let new: Arc<dyn KeyProvider> = volume::load_keys(&[to.to_path_buf()])?;
     let mut progress = coffer::progress::Progress::new("key rotate", "objects");
     let report = rt.block_on(coffer::crypt::rotate::rotate(
         vol.store.as_ref(),

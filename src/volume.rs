@@ -14,7 +14,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::crypt::keys::{KeyProvider, KeyRing, RootKey};
+use crate::crypt::keypair::KeyPair;
+use crate::crypt::keys::{KeyProvider, KeyRing, ProviderChain, RootKey};
 use crate::crypt::{Crypt, Mode};
 use crate::store::local::{LocalStore, LocalStoreConfig};
 use crate::store::s3::{S3Location, S3Options, S3Store};
@@ -265,13 +266,34 @@ pub fn lock_store(path: &Path, exclusive: bool) -> Result<StoreLock> {
     Ok(StoreLock(file))
 }
 
-/// Loads root key files into a key ring (the first wraps new data keys).
-pub fn load_keys(files: &[PathBuf]) -> Result<KeyRing> {
-    let keys = files
+/// Reads one key file of any kind: a symmetric root key, a public key (write-only) or a
+/// private key.
+pub fn load_key_file(file: &Path) -> Result<Arc<dyn KeyProvider>> {
+    let text = zeroize::Zeroizing::new(
+        fs::read_to_string(file).with_context(|| format!("key file {}", file.display()))?,
+    );
+    if let Some(pair) = KeyPair::read(file, &text) {
+        return Ok(Arc::new(pair.map_err(|e| anyhow!("{e}"))?));
+    }
+    Ok(Arc::new(KeyRing::new(vec![
+        RootKey::read(file).map_err(|e| anyhow!("{e}"))?,
+    ])?))
+}
+
+/// Loads root key files as one provider: the first wraps new data keys, all unwrap.
+pub fn load_keys(files: &[PathBuf]) -> Result<Arc<dyn KeyProvider>> {
+    if files.is_empty() {
+        bail!("no key file given");
+    }
+    let mut providers = files
         .iter()
-        .map(|f| RootKey::read(f).map_err(|e| anyhow!("{e}")))
+        .map(|f| load_key_file(f))
         .collect::<Result<Vec<_>>>()?;
-    KeyRing::new(keys).map_err(|e| anyhow!("{e}"))
+    Ok(if providers.len() == 1 {
+        providers.remove(0)
+    } else {
+        Arc::new(ProviderChain(providers))
+    })
 }
 
 /// An opened volume.
@@ -320,7 +342,7 @@ fn crypt_for(config: &VolumeConfig, key_files: &[PathBuf], origin: &str) -> Resu
                     ids.join(", ")
                 );
             }
-            Crypt::new(Mode::Client(Arc::new(ring)), config.chunk_shift)
+            Crypt::new(Mode::Client(ring), config.chunk_shift)
         }
         "none" => Crypt::new(Mode::None, config.chunk_shift),
         other => bail!("unknown encryption mode {other:?} in {origin}"),

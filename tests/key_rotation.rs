@@ -56,7 +56,7 @@ async fn rotation_rewraps_10000_objects_without_moving_bodies() {
     let cfg = VolumeConfig::read(&s.store).unwrap();
     let store = Arc::new(LocalStore::open(&cfg.local_store_config(&s.store).unwrap()).unwrap());
     let crypt_a = Crypt::new(
-        Mode::Client(Arc::new(load_keys(std::slice::from_ref(&key_a)).unwrap())),
+        Mode::Client(load_keys(std::slice::from_ref(&key_a)).unwrap()),
         16,
     );
     let mut tasks = tokio::task::JoinSet::new();
@@ -109,7 +109,7 @@ async fn rotation_rewraps_10000_objects_without_moving_bodies() {
     fs::remove_file(&key_a).unwrap();
     let store = LocalStore::open(&cfg.local_store_config(&s.store).unwrap()).unwrap();
     let crypt_b = Crypt::new(
-        Mode::Client(Arc::new(load_keys(std::slice::from_ref(&key_b)).unwrap())),
+        Mode::Client(load_keys(std::slice::from_ref(&key_b)).unwrap()),
         16,
     );
     for i in 0..OBJECTS {

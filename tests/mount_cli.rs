@@ -204,3 +204,56 @@ fn allow_other_with_default_permissions_checks_every_user() {
     let (ok, _) = as_nobody(&format!("cat '{}'", m.p("public").display()));
     assert!(!ok);
 }
+
+#[test]
+fn a_public_key_mount_writes_but_cannot_read() {
+    require_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    let (public, private) = (
+        dir.path().join("backup.pub"),
+        dir.path().join("backup.priv"),
+    );
+    run(Command::new(coffer_bin())
+        .args(["key", "new"])
+        .arg(&public)
+        .arg("--pair")
+        .arg(&private));
+    let id = run(Command::new(coffer_bin()).args(["key", "id"]).arg(&public));
+    assert_eq!(
+        id,
+        run(Command::new(coffer_bin()).args(["key", "id"]).arg(&private))
+    );
+    let store = dir.path().join("store");
+    run(Command::new(coffer_bin())
+        .arg("init")
+        .arg(&store)
+        .arg("--key")
+        .arg(&public));
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    // The backup host: only the public key.
+    let m = Mount::start(&store, &mnt, &public, &[]);
+    fs::write(m.p("first.txt"), b"written by the backup host").unwrap();
+    fs::create_dir(m.p("docs")).unwrap();
+    fs::write(m.p("docs/second.txt"), vec![7u8; 200_000]).unwrap();
+    m.unmount();
+    let m = Mount::start(&store, &mnt, &public, &[]);
+    // Sizes and names show; contents do not.
+    assert_eq!(fs::metadata(m.p("docs/second.txt")).unwrap().len(), 200_000);
+    let e = fs::read(m.p("first.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    // New backups still go in, replacing old ones too.
+    fs::write(m.p("third.txt"), b"another backup").unwrap();
+    fs::write(m.p("first.txt"), b"replaced").unwrap();
+    let log = m.unmount();
+    assert!(log.contains("only the public key"), "{log}");
+    // The restore host: the private key reads everything.
+    let m = Mount::start(&store, &mnt, &private, &[]);
+    assert_eq!(fs::read(m.p("first.txt")).unwrap(), b"replaced");
+    assert_eq!(fs::read(m.p("third.txt")).unwrap(), b"another backup");
+    assert_eq!(
+        fs::read(m.p("docs/second.txt")).unwrap(),
+        vec![7u8; 200_000]
+    );
+    m.unmount();
+}

@@ -5,6 +5,7 @@
 //! ```text
 //! version (1) | kind (1) | root key id (8) | file id (16) | kind-specific wrapped key
 //! kind 1, symmetric root key: nonce (12) | AES-256-GCM-SIV(data key) with tag (48)
+//! kind 2, X25519 public key: ephemeral public key (32) | AES-256-GCM-SIV(data key) (48)
 //! ```
 //! Encoded as unpadded base64url in the metadata entry [`METADATA_KEY`].
 
@@ -17,6 +18,8 @@ use super::format::FILE_ID_LEN;
 pub const METADATA_KEY: &str = "coffer-key";
 pub const ENVELOPE_VERSION: u8 = 1;
 pub const KIND_SYMMETRIC: u8 = 1;
+/// Wrapped for an X25519 public key (see `keypair.rs`).
+pub const KIND_X25519: u8 = 2;
 /// Longest envelope accepted, so that hostile metadata cannot make a reader allocate much.
 const MAX_ENVELOPE: usize = 1024;
 

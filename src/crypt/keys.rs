@@ -230,6 +230,41 @@ impl KeyProvider for KeyRing {
     }
 }
 
+/// Several providers as one: the first wraps new data keys; an envelope is unwrapped by the
+/// provider that holds its root key (symmetric keys and key pairs may be mixed).
+pub struct ProviderChain(pub Vec<std::sync::Arc<dyn KeyProvider>>);
+
+#[async_trait]
+impl KeyProvider for ProviderChain {
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    fn key_ids(&self) -> Vec<String> {
+        self.0.iter().flat_map(|p| p.key_ids()).collect()
+    }
+
+    async fn wrap(
+        &self,
+        dk: &DataKey,
+        file_id: &[u8; FILE_ID_LEN],
+    ) -> Result<Envelope, CryptError> {
+        self.0[0].wrap(dk, file_id).await
+    }
+
+    async fn unwrap(&self, env: &Envelope) -> Result<DataKey, CryptError> {
+        let id = env.key_id_hex();
+        match self.0.iter().find(|p| p.key_ids().contains(&id)) {
+            Some(p) => p.unwrap(env).await,
+            None => Err(CryptError::MissingKey(id)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

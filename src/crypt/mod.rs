@@ -8,6 +8,7 @@ pub mod content;
 pub mod envelope;
 pub mod error;
 pub mod format;
+pub mod keypair;
 pub mod keys;
 pub mod rotate;
 
