@@ -13,6 +13,7 @@ pub mod control;
 pub mod crypt;
 pub mod error;
 pub mod fs;
+pub mod kms;
 pub mod logging;
 pub mod mount;
 pub mod progress;

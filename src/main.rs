@@ -35,6 +35,10 @@ enum Command {
     /// Root key management.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The local key service: root keys that never leave its process. Mount with
+    /// `--key kms:SOCKET#NAME`.
+    #[command(subcommand)]
+    Kms(KmsCommand),
     /// List a directory of a store without mounting it.
     Ls(ReadArgs),
     /// Write a file of a store to standard output without mounting it.
@@ -237,6 +241,62 @@ enum KeyCommand {
         /// The current root key file(s).
         #[arg(long)]
         key: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KmsCommand {
+    /// Run the key service (until SIGTERM). Its keys are sealed in DIR under the master key.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A root key file (`coffer key new`) that seals the key store.
+        #[arg(long)]
+        master_key: PathBuf,
+        /// Socket path (DIR/kms.sock by default).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Create a named key; --encrypt-uid and --decrypt-uid say who may use it (the
+    /// service's own uid always may).
+    Create {
+        name: String,
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long = "encrypt-uid")]
+        encrypt_uids: Vec<u32>,
+        #[arg(long = "decrypt-uid")]
+        decrypt_uids: Vec<u32>,
+        /// Rotate automatically when the newest version is this many days old.
+        #[arg(long)]
+        rotate_days: Option<f64>,
+    },
+    /// Refuse every use of a key until it is enabled again.
+    Disable {
+        name: String,
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    Enable {
+        name: String,
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Add a version: new data keys use it, older versions keep decrypting.
+    Rotate {
+        name: String,
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// The keys, their state and policies.
+    List {
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Print the audit log: one line per use of a key.
+    Audit {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -528,6 +588,7 @@ fn main() {
         Command::Restore(a) => restore(a),
         Command::Prune(a) => prune(a),
         Command::Gc(a) => gc(a),
+        Command::Kms(k) => kms(k),
         Command::Stats { mountpoint } => {
             coffer::control::query(&mountpoint).map(|text| print!("{text}"))
         }
@@ -622,6 +683,77 @@ fn apply_config(a: &mut MountArgs, m: &clap::ArgMatches) -> Result<()> {
     Ok(())
 }
 
+fn kms(cmd: KmsCommand) -> Result<()> {
+    use coffer::kms::Request;
+    let rt = runtime()?;
+    let admin = |socket: &Path, req: Request| -> Result<coffer::kms::Response> {
+        let r = rt
+            .block_on(coffer::kms::client::call(socket, &req))
+            .map_err(|e| anyhow!("{e}"))?;
+        if !r.ok {
+            bail!("{}", r.error.unwrap_or_default());
+        }
+        Ok(r)
+    };
+    match cmd {
+        KmsCommand::Serve {
+            dir,
+            master_key,
+            socket,
+        } => {
+            let master = RootKey::read(&master_key).map_err(|e| anyhow!("{e}"))?;
+            let socket = socket.unwrap_or_else(|| coffer::kms::server::default_socket(&dir));
+            eprintln!("key service on {}", socket.display());
+            rt.block_on(coffer::kms::server::serve(&dir, master.material(), &socket))
+        }
+        KmsCommand::Create {
+            name,
+            socket,
+            encrypt_uids,
+            decrypt_uids,
+            rotate_days,
+        } => {
+            admin(
+                &socket,
+                Request::Create {
+                    key: name.clone(),
+                    encrypt_uids,
+                    decrypt_uids,
+                    rotate_days,
+                },
+            )?;
+            eprintln!(
+                "created key {name:?}: mount with --key kms:{}#{name}",
+                socket.display()
+            );
+            Ok(())
+        }
+        KmsCommand::Disable { name, socket } => {
+            admin(&socket, Request::Disable { key: name }).map(|_| ())
+        }
+        KmsCommand::Enable { name, socket } => {
+            admin(&socket, Request::Enable { key: name }).map(|_| ())
+        }
+        KmsCommand::Rotate { name, socket } => {
+            let r = admin(&socket, Request::Rotate { key: name.clone() })?;
+            println!("{name}: version {}", r.version.unwrap_or_default());
+            Ok(())
+        }
+        KmsCommand::List { socket } => {
+            let r = admin(&socket, Request::List)?;
+            print!("{}", r.text.unwrap_or_default());
+            Ok(())
+        }
+        KmsCommand::Audit { dir } => {
+            let path = dir.join(coffer::kms::server::AUDIT_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
 fn man_pages(dir: &Path) -> Result<()> {
     use clap::CommandFactory;
     std::fs::create_dir_all(dir)?;
@@ -680,7 +812,7 @@ fn key_new_pair(public: &Path, private: &Path) -> Result<()> {
 
 /// Reads a key file, or creates a symmetric one if it does not exist; returns its id.
 fn key_for_init(file: &Path) -> Result<String> {
-    if !file.exists() {
+    if !file.exists() && !file.to_string_lossy().starts_with("kms:") {
         key_new(file)?;
     }
     Ok(volume::load_key_file(file)?.key_ids()[0].clone())

@@ -267,8 +267,11 @@ pub fn lock_store(path: &Path, exclusive: bool) -> Result<StoreLock> {
 }
 
 /// Reads one key file of any kind: a symmetric root key, a public key (write-only) or a
-/// private key.
+/// private key; or names a key of a key service (`kms:SOCKET#NAME`).
 pub fn load_key_file(file: &Path) -> Result<Arc<dyn KeyProvider>> {
+    if let Some(kms) = crate::kms::client::KmsProvider::parse(&file.to_string_lossy()) {
+        return Ok(Arc::new(kms.map_err(|e| anyhow!("{e}"))?));
+    }
     let text = zeroize::Zeroizing::new(
         fs::read_to_string(file).with_context(|| format!("key file {}", file.display()))?,
     );

@@ -206,3 +206,57 @@ fn a_killed_mount_is_replaced_on_the_same_mount_point() {
     assert!(m.log_text().contains("stale mount"));
     m.unmount();
 }
+
+#[test]
+fn prometheus_figures_and_log_reopening() {
+    use std::io::{Read, Write};
+    require_fuse();
+    let s = TestStore::new(1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = s.dir.path().join("coffer.log");
+    let addr = format!("127.0.0.1:{port}");
+    let m = s.mount_with(&["--prometheus", &addr, "--log-file", log.to_str().unwrap()]);
+    fs::write(m.p("x"), vec![1u8; 100_000]).unwrap();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("# TYPE coffer_bytes_written counter"),
+        "{answer}"
+    );
+    assert!(answer.contains("coffer_bytes_written 100000"), "{answer}");
+    // logrotate moves the file away; SIGHUP makes coffer write to a new one.
+    fs::rename(&log, s.dir.path().join("coffer.log.1")).unwrap();
+    sh(&format!("kill -HUP {}", m.pid()));
+    let start = std::time::Instant::now();
+    while !log.exists() {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "no new log file after SIGHUP"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    m.unmount();
+    assert!(fs::read_to_string(&log).unwrap().contains("unmounted"));
+    // Only loopback addresses are served.
+    let out = Command::new(coffer_bin())
+        .arg("mount")
+        .arg(&s.store)
+        .arg(s.dir.path())
+        .args([
+            "--key",
+            s.key.to_str().unwrap(),
+            "--prometheus",
+            "0.0.0.0:9464",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}

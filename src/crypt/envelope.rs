@@ -20,6 +20,8 @@ pub const ENVELOPE_VERSION: u8 = 1;
 pub const KIND_SYMMETRIC: u8 = 1;
 /// Wrapped for an X25519 public key (see `keypair.rs`).
 pub const KIND_X25519: u8 = 2;
+/// Wrapped by a key service (see `kms/client.rs`).
+pub const KIND_KMS: u8 = 3;
 /// Longest envelope accepted, so that hostile metadata cannot make a reader allocate much.
 const MAX_ENVELOPE: usize = 1024;
 

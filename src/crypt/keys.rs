@@ -36,6 +36,16 @@ pub trait KeyProvider: Send + Sync {
     async fn wrap(&self, dk: &DataKey, file_id: &[u8; FILE_ID_LEN])
     -> Result<Envelope, CryptError>;
     async fn unwrap(&self, env: &Envelope) -> Result<DataKey, CryptError>;
+    /// A new data key for an object and its envelope. Locally generated and wrapped by
+    /// default; a key service generates it itself (GenerateDataKey).
+    async fn generate(
+        &self,
+        file_id: &[u8; FILE_ID_LEN],
+    ) -> Result<(DataKey, Envelope), CryptError> {
+        let dk = DataKey::generate();
+        let env = self.wrap(&dk, file_id).await?;
+        Ok((dk, env))
+    }
 }
 
 /// A symmetric root key. Zeroized on drop, never printed.
@@ -128,6 +138,11 @@ impl RootKey {
             .try_into()
             .map_err(|_| err(format!("{} bytes, expected 32", raw.len())))?;
         Ok(RootKey::from_bytes(Zeroizing::new(key)))
+    }
+
+    /// The key itself, for the key service's master key (never logged).
+    pub fn material(&self) -> &[u8; 32] {
+        &self.key
     }
 
     fn cipher(&self) -> Aes256GcmSiv {
@@ -254,6 +269,13 @@ impl KeyProvider for ProviderChain {
         file_id: &[u8; FILE_ID_LEN],
     ) -> Result<Envelope, CryptError> {
         self.0[0].wrap(dk, file_id).await
+    }
+
+    async fn generate(
+        &self,
+        file_id: &[u8; FILE_ID_LEN],
+    ) -> Result<(DataKey, Envelope), CryptError> {
+        self.0[0].generate(file_id).await
     }
 
     async fn unwrap(&self, env: &Envelope) -> Result<DataKey, CryptError> {

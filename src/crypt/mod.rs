@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use error::CryptError;
 
 use crate::store::Metadata;
-use content::{ContentCipher, DataKey};
+use content::ContentCipher;
 use envelope::Envelope;
 use format::Geometry;
 use keys::KeyProvider;
@@ -59,9 +59,8 @@ impl Crypt {
         match &self.mode {
             Mode::None => Ok((ObjectCipher::plain(self.geometry()), Metadata::new())),
             Mode::Client(provider) => {
-                let dk = DataKey::generate();
                 let file_id = content::random_file_id();
-                let env = provider.wrap(&dk, &file_id).await?;
+                let (dk, env) = provider.generate(&file_id).await?;
                 let cipher = ContentCipher::for_new_object(&dk, file_id, self.chunk_shift);
                 let mut meta = Metadata::new();
                 meta.insert(envelope::METADATA_KEY.to_string(), env.encode());

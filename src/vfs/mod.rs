@@ -1415,9 +1415,13 @@ impl Vfs {
         };
         if src_kind == Kind::Dir {
             self.check_key_len(&self.dir_prefix(&new_path))?;
+            // The (empty) target's marker goes first: the moved directory's marker takes
+            // its key.
+            if target.is_some() {
+                self.store.delete(&self.dir_prefix(&new_path)).await?;
+            }
             self.rename_dir_objects(ino, &old_path, &new_path).await?;
             if let Some(t_ino) = target {
-                self.store.delete(&self.dir_prefix(&new_path)).await.ok();
                 self.detach(newparent, newname, t_ino);
             }
             // The new marker was copied with the rest; attributes go with it.
