@@ -446,7 +446,8 @@ fn run_detached(args: &[String], log_to_file: bool) -> Result<()> {
 fn expand_mount_options(args: Vec<String>) -> Vec<String> {
     use clap::CommandFactory;
     let cmd = Cli::command();
-    let Some(pos) = args.iter().position(|a| a == "mount") else {
+    // Only `coffer mount ...` (a path argument may be called "mount" too).
+    let Some(pos) = args.get(1).filter(|a| *a == "mount").map(|_| 1) else {
         return args;
     };
     let mount = cmd.find_subcommand("mount").expect("a mount command");

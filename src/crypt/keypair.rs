@@ -322,6 +322,8 @@ mod tests {
         assert_eq!(private.id_hex(), pair.id_hex());
         fs::set_permissions(&privf, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(read(&privf).unwrap_err().to_string().contains("chmod 600"));
-        assert!(!format!("{pair:?}").contains("priv"));
+        let secret = STANDARD.encode(pair.secret.as_ref().unwrap().to_bytes());
+        assert!(!format!("{pair:?}").contains(&secret));
+        assert!(!format!("{pair:?}").contains(&secret[..12]));
     }
 }
