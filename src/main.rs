@@ -158,6 +158,9 @@ struct InitArgs {
     /// Root key file; created (mode 0600) if it does not exist.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Encrypt file and directory names too (each path component, with AES-SIV).
+    #[arg(long)]
+    encrypt_names: bool,
 }
 
 #[derive(Args)]
@@ -251,8 +254,15 @@ enum KmsCommand {
         #[arg(long)]
         dir: PathBuf,
         /// A root key file (`coffer key new`) that seals the key store.
-        #[arg(long)]
-        master_key: PathBuf,
+        #[arg(long, required_unless_present_any = ["passphrase_file", "passphrase_env"])]
+        master_key: Option<PathBuf>,
+        /// Seal the key store under a passphrase instead (Argon2id), read from this file
+        /// (first line; mode 0600).
+        #[arg(long, conflicts_with = "master_key")]
+        passphrase_file: Option<PathBuf>,
+        /// ... or from this environment variable (never from the command line).
+        #[arg(long, conflicts_with_all = ["master_key", "passphrase_file"])]
+        passphrase_env: Option<String>,
         /// Socket path (DIR/kms.sock by default).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -329,6 +339,9 @@ struct RestoreArgs {
     source: String,
     path: String,
     version: String,
+    /// Root key file, for a store that encrypts names (restoring needs no key otherwise).
+    #[arg(long)]
+    key: Vec<PathBuf>,
     /// SSE-C key file of an SSE-C store.
     #[arg(long)]
     sse_c_key: Option<PathBuf>,
@@ -700,12 +713,30 @@ fn kms(cmd: KmsCommand) -> Result<()> {
         KmsCommand::Serve {
             dir,
             master_key,
+            passphrase_file,
+            passphrase_env,
             socket,
         } => {
-            let master = RootKey::read(&master_key).map_err(|e| anyhow!("{e}"))?;
+            use coffer::kms::store::{master_from_passphrase, read_passphrase_file};
+            let master: zeroize::Zeroizing<[u8; 32]> = match (master_key, passphrase_file) {
+                (Some(file), _) => zeroize::Zeroizing::new(
+                    *RootKey::read(&file).map_err(|e| anyhow!("{e}"))?.material(),
+                ),
+                (None, Some(file)) => {
+                    master_from_passphrase(&dir, read_passphrase_file(&file)?.as_bytes())?
+                }
+                (None, None) => {
+                    let var = passphrase_env.expect("clap requires one of the three");
+                    let pass =
+                        zeroize::Zeroizing::new(std::env::var(&var).map_err(|_| {
+                            anyhow!("--passphrase-env {var}: the variable is not set")
+                        })?);
+                    master_from_passphrase(&dir, pass.as_bytes())?
+                }
+            };
             let socket = socket.unwrap_or_else(|| coffer::kms::server::default_socket(&dir));
             eprintln!("key service on {}", socket.display());
-            rt.block_on(coffer::kms::server::serve(&dir, master.material(), &socket))
+            rt.block_on(coffer::kms::server::serve(&dir, &master, &socket))
         }
         KmsCommand::Create {
             name,
@@ -813,7 +844,8 @@ fn key_new_pair(public: &Path, private: &Path) -> Result<()> {
 
 /// Reads a key file, or creates a symmetric one if it does not exist; returns its id.
 fn key_for_init(file: &Path) -> Result<String> {
-    if !file.exists() && !file.to_string_lossy().starts_with("kms:") {
+    let spec = file.to_string_lossy();
+    if !file.exists() && !spec.starts_with("kms:") && !spec.starts_with("aws-kms:") {
         key_new(file)?;
     }
     Ok(volume::load_key_file(file)?.key_ids()[0].clone())
@@ -856,6 +888,18 @@ fn init(a: InitArgs) -> Result<()> {
         (_, false) => None,
     };
     let chunk_shift = a.chunk_size.trailing_zeros() as u8;
+    let name_key = match (&a.key, a.encrypt_names && client) {
+        (Some(k), true) => {
+            let provider = volume::load_key_file(k)?;
+            Some(runtime()?.block_on(volume::new_name_key(&provider))?)
+        }
+        (_, false) if a.encrypt_names => {
+            bail!(
+                "--encrypt-names needs client-side encryption (--encryption client or client+...)"
+            )
+        }
+        _ => None,
+    };
     if S3Location::is_s3(&a.path) {
         let location = S3Location::parse(&a.path)?;
         let s3 = a.s3.options()?;
@@ -870,6 +914,7 @@ fn init(a: InitArgs) -> Result<()> {
             chunk_shift,
             encrypt: client,
             key_id,
+            name_key,
             server_side,
             sse_kms_key_id: a.sse_kms_key_id,
         }))?;
@@ -887,6 +932,7 @@ fn init(a: InitArgs) -> Result<()> {
         chunk_shift,
         encrypt: client,
         key_id,
+        name_key,
     })?;
     let local = cfg.local.as_ref().expect("a local store");
     eprintln!(
@@ -917,6 +963,7 @@ fn mount(a: MountArgs) -> Result<()> {
                 chunk_shift: 16,
                 encrypt: true,
                 key_id: Some(id),
+                name_key: None,
             })?;
             eprintln!(
                 "created the default store at {} (3 replicas)",
@@ -975,15 +1022,17 @@ fn mount(a: MountArgs) -> Result<()> {
             })
             .flatten(),
     };
-    let store = with_policy(vol.store, &vol.crypt, a.require_encryption);
-    coffer::mount::run(
-        runtime()?,
-        store,
-        vol.crypt,
-        Default::default(),
-        opts,
-        || report_ready("ready\n"),
-    )
+    let rt = runtime()?;
+    let store = rt.block_on(volume::with_names(
+        &vol.config,
+        &vol.crypt,
+        vol.store,
+        &Default::default(),
+    ))?;
+    let store = with_policy(store, &vol.crypt, a.require_encryption);
+    coffer::mount::run(rt, store, vol.crypt, Default::default(), opts, || {
+        report_ready("ready\n")
+    })
 }
 
 /// Wraps a store in the policy that refuses unencrypted writes, if asked for.
@@ -1068,6 +1117,7 @@ fn mount_s3(source: &str, mountpoint: PathBuf, keys: &[PathBuf], a: &MountArgs) 
             .map(coffer::control::check_loopback)
             .transpose()?,
     };
+    let store = rt.block_on(volume::with_names(&vol.config, &vol.crypt, store, &sse))?;
     let store = with_policy(store, &vol.crypt, a.require_encryption);
     coffer::mount::run(rt, store, vol.crypt, sse, opts, || report_ready("ready\n"))
 }
@@ -1102,6 +1152,7 @@ fn open_source(
         let (vol, store) = rt.block_on(volume::open_s3(&location, &s3.options()?, keys))?;
         let (sse, wrapped) =
             volume::server_side_encryption(&vol.config, vol.store.clone(), sse_c_key)?;
+        let wrapped = rt.block_on(volume::with_names(&vol.config, &vol.crypt, wrapped, &sse))?;
         return Ok(Opened {
             vol: volume::Volume {
                 store: wrapped,
@@ -1122,11 +1173,40 @@ fn open_source(
     } else {
         keys.to_vec()
     };
+    let vol = volume::open_local(source, &keys)?;
+    let store = rt.block_on(volume::with_names(
+        &vol.config,
+        &vol.crypt,
+        vol.store.clone(),
+        &Default::default(),
+    ))?;
     Ok(Opened {
-        vol: volume::open_local(source, &keys)?,
+        vol: volume::Volume { store, ..vol },
         sse: Default::default(),
         s3: None,
     })
+}
+
+/// A store opened without its volume's keys, wrapped in name encryption where the volume
+/// has it on (which then does need a root key).
+fn with_names_keyed(
+    rt: &tokio::runtime::Runtime,
+    config: &volume::VolumeConfig,
+    store: Arc<dyn ObjectStore>,
+    keys: &[PathBuf],
+    sse: &coffer::store::Sse,
+) -> Result<Arc<dyn ObjectStore>> {
+    if !config.encryption.name_encryption {
+        return Ok(store);
+    }
+    if keys.is_empty() {
+        bail!("this store encrypts names: pass --key with its root key");
+    }
+    let crypt = coffer::crypt::Crypt::new(
+        coffer::crypt::Mode::Client(volume::load_keys(keys)?),
+        config.chunk_shift,
+    );
+    rt.block_on(volume::with_names(config, &crypt, store, sse))
 }
 
 /// A store opened without keys, for commands that only move objects (restore, gc).
@@ -1272,6 +1352,13 @@ fn versions(a: ReadArgs) -> Result<()> {
     let rt = runtime()?;
     let (store, _lock, config) = open_store_only(&rt, &a.source, &a.s3)?;
     require_versioning(&rt, store.as_ref())?;
+    // Listing versions needs no key, unless the names are encrypted.
+    let store = if config.encryption.name_encryption {
+        let (sse, store) = volume::server_side_encryption(&config, store, a.sse_c_key.as_deref())?;
+        with_names_keyed(&rt, &config, store, &a.key, &sse)?
+    } else {
+        store
+    };
     let list = rt.block_on(store.list_versions(a.path.trim_matches('/')))?;
     let g = config.geometry();
     for v in list {
@@ -1309,6 +1396,7 @@ fn restore(a: RestoreArgs) -> Result<()> {
     let (store, _lock, config) = open_store_only(&rt, &a.source, &a.s3)?;
     require_versioning(&rt, store.as_ref())?;
     let (sse, store) = volume::server_side_encryption(&config, store, a.sse_c_key.as_deref())?;
+    let store = with_names_keyed(&rt, &config, store, &a.key, &sse)?;
     let key = a.path.trim_matches('/');
     let info = rt.block_on(store.restore_version(key, &a.version, &sse))?;
     eprintln!(
@@ -1383,6 +1471,12 @@ fn key_rotate(source: &str, to: &Path, keys: &[PathBuf], s3: &S3Args) -> Result<
     // From now on the store expects the new key.
     let mut cfg = vol.config.clone();
     cfg.encryption.key_ids = new.key_ids();
+    if let Some(encoded) = &cfg.encryption.name_key {
+        // The name key is rewrapped like a data key; names stay as they are.
+        let env = coffer::crypt::envelope::Envelope::decode(encoded)?;
+        let dk = rt.block_on(from.unwrap(&env))?;
+        cfg.encryption.name_key = Some(rt.block_on(new.wrap(&dk, &env.file_id))?.encode());
+    }
     match &opened.s3 {
         Some(store) => rt.block_on(volume::write_s3_config(store, &cfg))?,
         None => volume::write_config(Path::new(source), &cfg)?,

@@ -18,6 +18,7 @@ use crate::crypt::keypair::KeyPair;
 use crate::crypt::keys::{KeyProvider, KeyRing, ProviderChain, RootKey};
 use crate::crypt::{Crypt, Mode};
 use crate::store::local::{LocalStore, LocalStoreConfig};
+use crate::store::names::{NameCipherStore, NameKey};
 use crate::store::s3::{S3Location, S3Options, S3Store};
 use crate::store::sse_history::SseKeyHistory;
 use crate::store::{GetOptions, ObjectStore, Sse, SseCustomerKey, StoreError};
@@ -46,8 +47,13 @@ pub struct EncryptionConfig {
     /// Root key ids that wrapped data keys of this store (for the "needs key" message).
     #[serde(default)]
     pub key_ids: Vec<String>,
+    /// Whether object keys are encrypted ([`crate::store::names`]).
     #[serde(default)]
     pub name_encryption: bool,
+    /// The name key's envelope (wrapped by a root key, as a data key is), with name
+    /// encryption on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_key: Option<String>,
     /// Server-side encryption the store asks of its backend on every write: "none",
     /// "sse-c" (a customer key given at mount), "sse-s3" or "sse-kms".
     #[serde(default = "default_sse")]
@@ -86,6 +92,8 @@ pub struct InitLocal {
     pub chunk_shift: u8,
     pub encrypt: bool,
     pub key_id: Option<String>,
+    /// The name key's envelope ([`new_name_key`]), to encrypt names.
+    pub name_key: Option<String>,
 }
 
 impl VolumeConfig {
@@ -202,7 +210,8 @@ pub fn init_local(o: &InitLocal) -> Result<VolumeConfig> {
         encryption: EncryptionConfig {
             mode: if o.encrypt { "client" } else { "none" }.into(),
             key_ids: o.key_id.iter().cloned().collect(),
-            name_encryption: false,
+            name_encryption: o.name_key.is_some(),
+            name_key: o.name_key.clone(),
             server_side: default_sse(),
             sse_kms_key_id: None,
         },
@@ -271,6 +280,9 @@ pub fn lock_store(path: &Path, exclusive: bool) -> Result<StoreLock> {
 pub fn load_key_file(file: &Path) -> Result<Arc<dyn KeyProvider>> {
     if let Some(kms) = crate::kms::client::KmsProvider::parse(&file.to_string_lossy()) {
         return Ok(Arc::new(kms.map_err(|e| anyhow!("{e}"))?));
+    }
+    if let Some(aws) = crate::kms::aws::AwsKmsProvider::parse(&file.to_string_lossy()) {
+        return Ok(Arc::new(aws.map_err(|e| anyhow!("{e}"))?));
     }
     let text = zeroize::Zeroizing::new(
         fs::read_to_string(file).with_context(|| format!("key file {}", file.display()))?,
@@ -365,6 +377,7 @@ pub struct InitS3 {
     pub chunk_shift: u8,
     pub encrypt: bool,
     pub key_id: Option<String>,
+    pub name_key: Option<String>,
     pub server_side: String,
     pub sse_kms_key_id: Option<String>,
 }
@@ -401,7 +414,8 @@ pub async fn init_s3(o: &InitS3) -> Result<VolumeConfig> {
         encryption: EncryptionConfig {
             mode: if o.encrypt { "client" } else { "none" }.into(),
             key_ids: o.key_id.iter().cloned().collect(),
-            name_encryption: false,
+            name_encryption: o.name_key.is_some(),
+            name_key: o.name_key.clone(),
             server_side: o.server_side.clone(),
             sse_kms_key_id: o.sse_kms_key_id.clone(),
         },
@@ -527,6 +541,47 @@ pub fn read_sse_c_keys(file: &Path) -> Result<Vec<SseCustomerKey>> {
         bail!("{}: no key in the file", file.display());
     }
     Ok(keys)
+}
+
+/// A new name key for a store, wrapped by `provider`'s writer key, as its envelope encoded
+/// for the volume config.
+pub async fn new_name_key(provider: &Arc<dyn KeyProvider>) -> Result<String> {
+    let (_, envelope) = provider
+        .generate(&crate::crypt::content::random_file_id())
+        .await?;
+    // A key that can only wrap (a public key) could never read the names back.
+    provider.unwrap(&envelope).await.map_err(|e| {
+        anyhow!(
+            "name encryption needs a root key that can also decrypt (not a public key alone): {e}"
+        )
+    })?;
+    Ok(envelope.encode())
+}
+
+/// The store wrapped in name encryption when the volume has it on, with the name key
+/// unwrapped now (so that a missing key fails here, not on the first lookup). `sse` is what
+/// the long-name sidecars are written with.
+pub async fn with_names(
+    config: &VolumeConfig,
+    crypt: &Crypt,
+    store: Arc<dyn ObjectStore>,
+    sse: &Sse,
+) -> Result<Arc<dyn ObjectStore>> {
+    if !config.encryption.name_encryption {
+        return Ok(store);
+    }
+    let encoded = config.encryption.name_key.as_deref().ok_or_else(|| {
+        anyhow!("the store's config turns name encryption on but has no name_key")
+    })?;
+    let provider = crypt
+        .provider()
+        .cloned()
+        .ok_or_else(|| anyhow!("this store encrypts names: pass --key with its root key"))?;
+    let envelope = crate::crypt::envelope::Envelope::decode(encoded)
+        .map_err(|e| anyhow!("the store's name key: {e}"))?;
+    let names = NameCipherStore::new(store, NameKey { provider, envelope }, sse.clone());
+    names.cipher().await?;
+    Ok(Arc::new(names))
 }
 
 /// The SSE parameters of a store's writes, and the store wrapped with an SSE-C key history

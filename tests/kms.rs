@@ -176,3 +176,69 @@ fn other_uids_follow_the_key_policy() {
     assert!(ask(&dec("private")).contains("may not decrypt"));
     assert!(ask(r#"{"op":"disable","key":"shared"}"#).contains("may not administer"));
 }
+
+#[test]
+fn a_passphrase_seals_the_service_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let kdir = dir.path().join("kms");
+    let socket = dir.path().join("kms.sock");
+    let serve = |pass: &str| {
+        let _ = fs::remove_file(&socket);
+        Command::new(coffer_bin())
+            .args([
+                "kms",
+                "serve",
+                "--passphrase-env",
+                "COFFER_TEST_PASS",
+                "--dir",
+            ])
+            .arg(&kdir)
+            .arg("--socket")
+            .arg(&socket)
+            .env("COFFER_TEST_PASS", pass)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_socket = || {
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut child = serve("a long enough passphrase");
+    wait_socket();
+    run(Command::new(coffer_bin())
+        .args(["kms", "create", "backup", "--socket"])
+        .arg(&socket));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let sealed = fs::read(kdir.join("keys.sealed")).unwrap();
+    assert!(!sealed.windows(6).any(|w| w == b"backup"));
+    // A wrong passphrase cannot open the store: the service refuses to start, saying why.
+    let out = serve("not the passphrase at all")
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not open"),
+        "{err}"
+    );
+    // The right one serves the key created before.
+    let mut child = serve("a long enough passphrase");
+    wait_socket();
+    let list = run(Command::new(coffer_bin())
+        .args(["kms", "list", "--socket"])
+        .arg(&socket));
+    assert!(list.contains("backup"), "{list}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Passphrases are never taken from the command line.
+    let out = Command::new(coffer_bin())
+        .args(["kms", "serve", "--passphrase", "x", "--dir"])
+        .arg(&kdir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -5,6 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -255,5 +256,81 @@ fn a_public_key_mount_writes_but_cannot_read() {
         fs::read(m.p("docs/second.txt")).unwrap(),
         vec![7u8; 200_000]
     );
+    m.unmount();
+}
+
+#[test]
+fn encrypted_names_round_trip_and_never_reach_the_replicas() {
+    require_fuse();
+    require_tool("rsync", "rsync");
+    let s = TestStore::with_args(&["--replicas", "2", "--encrypt-names"]);
+    let src = s.dir.path().join("src");
+    make_tree(&src, 1);
+    let m = s.mount();
+    sh(&format!(
+        "rsync -a '{}/' '{}/'",
+        src.display(),
+        m.p("tree").display()
+    ));
+    assert_trees_equal(&src, &m.p("tree"));
+    // A directory rename re-encrypts every name below it (names are bound to their parent).
+    fs::rename(m.p("tree/a"), m.p("moved")).unwrap();
+    fs::rename(m.p("moved"), m.p("tree/a")).unwrap();
+    m.unmount();
+    let m = s.mount();
+    assert_trees_equal(&src, &m.p("tree"));
+    fs::remove_file(m.p("tree/one")).unwrap();
+    m.unmount();
+    // No plaintext name reaches the store's files.
+    let stored = sh(&format!(
+        "find '{}' '{}' -printf '%f\\n'",
+        s.replica(0).display(),
+        s.replica(1).display()
+    ));
+    for name in [
+        "tree",
+        "deep-empty",
+        "run.sh",
+        "with space",
+        "ünïcødé",
+        "odd-size",
+        "nnnnnnnnnn",
+    ] {
+        assert!(!stored.contains(name), "{name:?} is stored in clear");
+    }
+    // Versions list under plaintext names, and a deleted file comes back.
+    let key = s.key.to_str().unwrap();
+    let store = s.store.to_str().unwrap();
+    let versions =
+        run(Command::new(coffer_bin()).args(["versions", store, "tree/one", "--key", key]));
+    let id = versions
+        .lines()
+        .find(|l| l.contains("tree/one") && !l.contains("deleted"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no version of tree/one in {versions}"));
+    run(Command::new(coffer_bin()).args(["restore", store, "tree/one", id, "--key", key]));
+    let m = s.mount();
+    assert_eq!(
+        fs::read(m.p("tree/one")).unwrap(),
+        fs::read(src.join("one")).unwrap()
+    );
+    m.unmount();
+    // Without the root key the names cannot be read: the command fails and says why.
+    let other = s.dir.path().join("other.key");
+    run(Command::new(coffer_bin()).args(["key", "new"]).arg(&other));
+    let other = other.to_str().unwrap();
+    let out = Command::new(coffer_bin())
+        .args(["ls", store, "--key", other])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs key"), "{err}");
+    // Rotation rewraps the name key with the data keys: afterwards the new key alone reads
+    // every name and file.
+    run(Command::new(coffer_bin()).args(["key", "rotate", store, "--key", key, "--to", other]));
+    let mnt = s.dir.path().join("mnt-rotated");
+    fs::create_dir(&mnt).unwrap();
+    let m = Mount::start(&s.store, &mnt, Path::new(other), &[]);
+    assert_trees_equal(&src, &m.p("tree"));
     m.unmount();
 }

@@ -596,3 +596,137 @@ fn a_five_gib_file_streams_as_multipart_in_bounded_memory() {
     );
     m.unmount();
 }
+
+/// An endpoint that answers every KMS request as AWS does for a disabled key.
+fn refusing_kms(key_id: &str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = format!(
+        r#"{{"__type":"DisabledException","message":"arn:aws:kms:us-east-1:123456789012:key/{key_id} is disabled."}}"#
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut skip = vec![0u8; len];
+            let _ = r.read_exact(&mut skip);
+            let mut w = conn;
+            let _ = write!(
+                w,
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                 x-amzn-ErrorType: DisabledException\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Runs a Python snippet with a boto3 KMS client (`kms`) on moto.
+fn moto_kms(server: &s3::S3Server, code: &str) -> String {
+    s3::boto3(
+        server,
+        &format!(
+            "kms = boto3.client('kms', endpoint_url='{}', region_name='{}', \
+             aws_access_key_id='{}', aws_secret_access_key='{}')\n{code}",
+            server.endpoint, server.region, server.access_key, server.secret_key
+        ),
+    )
+}
+
+#[test]
+fn aws_kms_root_key_on_moto_with_encrypted_names() {
+    require_fuse();
+    let server = s3::moto();
+    let dir = tmp();
+    let key_id = moto_kms(
+        server,
+        "print(kms.create_key(Description='coffer test')['KeyMetadata']['KeyId'])",
+    )
+    .trim()
+    .to_string();
+    let spec = format!("aws-kms:{key_id}");
+    let source = server.fresh_source("awskms");
+    server.init(&source, &["--key", &spec, "--encrypt-names"]);
+    let k = ["--key", spec.as_str()];
+    let long = "k".repeat(240);
+    let m = server.mount(&source, dir.path(), &k);
+    fs::create_dir(m.p("reports")).unwrap();
+    fs::write(m.p("reports/q3-salaries.csv"), b"alice,100\nbob,200\n").unwrap();
+    fs::write(m.p(&long), vec![5u8; 150_000]).unwrap();
+    m.unmount();
+    let m = server.mount(&source, dir.path(), &k);
+    assert_eq!(
+        fs::read(m.p("reports/q3-salaries.csv")).unwrap(),
+        b"alice,100\nbob,200\n"
+    );
+    assert_eq!(fs::read(m.p(&long)).unwrap(), vec![5u8; 150_000]);
+    let mut names: Vec<String> = fs::read_dir(m.p(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![long.clone(), "reports".to_string()]);
+    m.unmount();
+    // moto accepts disabled keys; AWS answers DisabledException. A KMS endpoint that answers
+    // so: the command fails at once, naming the key and the reason.
+    let refusing = refusing_kms(&key_id);
+    let out = server
+        .coffer("ls", &source)
+        .args(k)
+        .env("AWS_ENDPOINT_URL_KMS", &refusing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("DisabledException") && err.contains(&key_id),
+        "{err}"
+    );
+    // What the bucket holds: no plaintext name, envelopes of kind 4 whose KMS blob opens
+    // only under the object's own encryption context.
+    let prefix = source.trim_start_matches(&format!("s3://{}/", server.bucket));
+    let report = moto_kms(
+        server,
+        &format!(
+            r#"
+import base64
+keys = [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix='{prefix}/')['Contents']]
+for word in ['reports', 'salaries', 'kkkk', 'later']:
+    assert not any(word in k for k in keys), (word, keys)
+done = 0
+for key in keys:
+    meta = s3.head_object(Bucket=bucket, Key=key)['Metadata']
+    if 'coffer-key' not in meta:
+        continue
+    raw = base64.urlsafe_b64decode(meta['coffer-key'] + '=' * (-len(meta['coffer-key']) % 4))
+    assert raw[1] == 4, raw[1]
+    file_id = raw[10:26]
+    n = raw[26]
+    assert raw[27:27 + n].decode() == '{key_id}'
+    blob = raw[27 + n:]
+    ok = kms.decrypt(CiphertextBlob=blob, EncryptionContext={{'coffer-file-id': file_id.hex()}})
+    assert len(ok['Plaintext']) == 32
+    try:
+        kms.decrypt(CiphertextBlob=blob, EncryptionContext={{'coffer-file-id': '00' * 16}})
+        raise SystemExit('a blob opened under another object context')
+    except kms.exceptions.InvalidCiphertextException:
+        pass
+    done += 1
+print(done)
+"#
+        ),
+    );
+    assert_eq!(report.trim(), "2", "both files carry a KMS envelope");
+}

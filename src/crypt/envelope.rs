@@ -6,6 +6,8 @@
 //! version (1) | kind (1) | root key id (8) | file id (16) | kind-specific wrapped key
 //! kind 1, symmetric root key: nonce (12) | AES-256-GCM-SIV(data key) with tag (48)
 //! kind 2, X25519 public key: ephemeral public key (32) | AES-256-GCM-SIV(data key) (48)
+//! kind 3, local key service: name length (1) | key name | service blob
+//! kind 4, AWS KMS: key length (1) | key id, ARN or alias | KMS CiphertextBlob
 //! ```
 //! Encoded as unpadded base64url in the metadata entry [`METADATA_KEY`].
 
@@ -22,6 +24,8 @@ pub const KIND_SYMMETRIC: u8 = 1;
 pub const KIND_X25519: u8 = 2;
 /// Wrapped by a key service (see `kms/client.rs`).
 pub const KIND_KMS: u8 = 3;
+/// Wrapped by AWS KMS (see `kms/aws.rs`).
+pub const KIND_AWS_KMS: u8 = 4;
 /// Longest envelope accepted, so that hostile metadata cannot make a reader allocate much.
 const MAX_ENVELOPE: usize = 1024;
 

@@ -24,6 +24,8 @@ pub enum CryptError {
         "this mount holds only the public key {0}: it can write new files but not read existing content"
     )]
     WriteOnly(String),
+    #[error("bad encrypted name {0}")]
+    BadName(String),
     #[error("{0}")]
     Key(String),
 }

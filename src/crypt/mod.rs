@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod keypair;
 pub mod keys;
+pub mod names;
 pub mod rotate;
 
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //!
 //! The protocol is one JSON request per line and one JSON answer per line.
 
+pub mod aws;
 pub mod client;
 pub mod server;
 pub mod store;

@@ -23,6 +23,8 @@ pub enum StoreError {
     Unavailable { key: String, detail: String },
     #[error("{key}: invalid request: {detail}")]
     Invalid { key: String, detail: String },
+    #[error("{key}: name too long: {detail}")]
+    NameTooLong { key: String, detail: String },
     #[error("{key}: replaced by another client while open for reading")]
     Changed { key: String },
     #[error("{key}: {context}: {source}")]
@@ -87,6 +89,7 @@ impl StoreError {
             StoreError::AccessDenied { .. } | StoreError::WrongKey { .. } => libc::EACCES,
             StoreError::NoSpace { .. } => libc::ENOSPC,
             StoreError::Invalid { .. } => libc::EINVAL,
+            StoreError::NameTooLong { .. } => libc::ENAMETOOLONG,
             StoreError::Corrupt { .. }
             | StoreError::Unavailable { .. }
             | StoreError::Changed { .. } => libc::EIO,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod faulty;
 pub mod local;
 pub mod memory;
+pub mod names;
 pub mod policy;
 pub mod s3;
 pub mod sse_history;

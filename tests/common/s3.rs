@@ -347,6 +347,15 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
             ("AWS_REGION", self.region.clone()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            // moto serves KMS on the same port (`--key aws-kms:...`); Garage has no KMS.
+            (
+                "AWS_ENDPOINT_URL_KMS",
+                if self.name == "moto" {
+                    self.endpoint.clone()
+                } else {
+                    "http://127.0.0.1:9".into()
+                },
+            ),
         ]
     }
 
