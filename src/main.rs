@@ -56,6 +56,17 @@ enum Command {
     Gc(GcArgs),
     /// Show the live statistics of a mount.
     Stats { mountpoint: PathBuf },
+    /// Plain PUT and GET throughput of the store's backend through coffer's store layer, with
+    /// no FUSE and no encryption (a reference for scripts/bench); prints JSON.
+    #[command(hide = true)]
+    StoreThroughput {
+        source: String,
+        /// Bytes to write and read, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (coffer.1 and one per command) into a directory.
@@ -602,6 +613,11 @@ fn main() {
         Command::Restore(a) => restore(a),
         Command::Prune(a) => prune(a),
         Command::Gc(a) => gc(a),
+        Command::StoreThroughput {
+            source,
+            size_mib,
+            s3,
+        } => store_throughput(&source, size_mib, &s3),
         Command::Kms(k) => kms(k),
         Command::Stats { mountpoint } => {
             coffer::control::query(&mountpoint).map(|text| print!("{text}"))
@@ -1403,6 +1419,24 @@ fn restore(a: RestoreArgs) -> Result<()> {
         "restored {key} from version {} as {}",
         a.version,
         info.version_id.unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn store_throughput(source: &str, size_mib: u64, s3: &S3Args) -> Result<()> {
+    let rt = runtime()?;
+    let (store, _lock, _) = open_store_only(&rt, source, s3)?;
+    let key = format!("coffer-throughput-{}", std::process::id());
+    let t = rt.block_on(coffer::store::throughput::measure(
+        store,
+        &key,
+        size_mib << 20,
+    ))?;
+    println!(
+        "{{\"bytes\":{},\"put_mbps\":{:.1},\"get_mbps\":{:.1}}}",
+        t.bytes,
+        t.put_mbps(),
+        t.get_mbps()
     );
     Ok(())
 }

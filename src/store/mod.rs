@@ -14,6 +14,7 @@ pub mod names;
 pub mod policy;
 pub mod s3;
 pub mod sse_history;
+pub mod throughput;
 
 use std::collections::BTreeMap;
 use std::fmt;

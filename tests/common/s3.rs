@@ -38,14 +38,17 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// Runs `cmd` in the background until this test process exits (a watchdog shell kills it
-/// then, so no server outlives the tests).
+/// then, so no server outlives the tests, and removes the server's directory, the parent
+/// of `log`: a server's data must not pile up on the disk over test runs).
 fn spawn_until_exit(cmd: &str, log: &Path) {
     let me = std::process::id();
     let script = format!(
         "{cmd} >>'{log}' 2>&1 & child=$!; \
          while kill -0 {me} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
-         kill $child 2>/dev/null; sleep 1; kill -9 $child 2>/dev/null",
-        log = log.display()
+         kill $child 2>/dev/null; sleep 1; kill -9 $child 2>/dev/null; \
+         if ! kill -0 {me} 2>/dev/null; then rm -rf '{dir}'; fi",
+        log = log.display(),
+        dir = log.parent().expect("a log in a directory").display()
     );
     // `setsid -f` forks the watchdog into its own session and returns at once.
     let status = Command::new("setsid")
@@ -435,5 +438,187 @@ impl S3Server {
             ..Default::default()
         };
         S3Store::connect(loc, &opts).await.unwrap()
+    }
+}
+
+/// One node of a Garage cluster, which a test can stop and start again.
+pub struct GarageNode {
+    pub cfg: PathBuf,
+    pub log: PathBuf,
+    pub pidfile: PathBuf,
+    pub s3: u16,
+    pub rpc: u16,
+}
+
+impl GarageNode {
+    pub fn start(&self) {
+        let script = format!(
+            "echo $$ > '{}'; exec '{}' -c '{}' server",
+            self.pidfile.display(),
+            garage_bin().display(),
+            self.cfg.display(),
+        );
+        let _ = std::fs::remove_file(&self.pidfile);
+        let runner = self.cfg.with_file_name("run.sh");
+        std::fs::write(&runner, script).unwrap();
+        spawn_until_exit(&format!("sh '{}'", runner.display()), &self.log);
+        wait_for_port(self.rpc, "garage node", &self.log);
+        wait_for_port(self.s3, "garage node", &self.log);
+    }
+
+    /// Kills the node (SIGKILL, as a crashed machine).
+    pub fn kill(&self) {
+        let pid: i32 = std::fs::read_to_string(&self.pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: sending a signal to a server this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.s3)).is_ok() {
+            assert!(Instant::now() < deadline, "garage node did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub struct GarageCluster {
+    pub server: S3Server,
+    pub nodes: Vec<GarageNode>,
+}
+
+impl GarageCluster {
+    /// Runs the garage command line against node `i`.
+    pub fn cli(&self, i: usize, args: &[&str]) -> String {
+        garage_cli(&garage_bin(), &self.nodes[i].cfg, args)
+    }
+}
+
+/// A Garage cluster of `n` nodes on loopback, one per zone, with replication factor 3; its
+/// S3 endpoint is the first node's.
+pub fn garage_cluster(n: usize) -> GarageCluster {
+    let bin = garage_bin();
+    let dir = std::env::temp_dir().join(format!("coffer-garage-cluster-{}", random_hex(6)));
+    let secret = random_hex(32);
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let d = dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let cfg = d.join("garage.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "lmdb"
+replication_factor = 3
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+admin_token = "{token}"
+"#,
+                d = d.display(),
+                token = random_hex(16),
+            ),
+        )
+        .unwrap();
+        let node = GarageNode {
+            log: d.join("garage.log"),
+            pidfile: d.join("garage.pid"),
+            cfg,
+            s3,
+            rpc,
+        };
+        node.start();
+        nodes.push(node);
+    }
+    let first = &nodes[0].cfg;
+    let mut ids = Vec::new();
+    for node in &nodes {
+        let id = garage_cli(&bin, &node.cfg, &["node", "id", "-q"]);
+        ids.push(id.trim().split('@').next().unwrap().to_string());
+    }
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        garage_cli(
+            &bin,
+            first,
+            &[
+                "node",
+                "connect",
+                &format!("{}@127.0.0.1:{}", ids[i], node.rpc),
+            ],
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        garage_cli(
+            &bin,
+            first,
+            &["layout", "assign", "-z", &format!("dc{i}"), "-c", "10G", id],
+        );
+    }
+    garage_cli(&bin, first, &["layout", "apply", "--version", "1"]);
+    let access_key = format!("GK{}", random_hex(12));
+    let secret_key = random_hex(32);
+    let bucket = "coffer-cluster".to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(&bin)
+            .arg("-c")
+            .arg(first)
+            .args(["bucket", "create", &bucket])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "garage bucket create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    garage_cli(
+        &bin,
+        first,
+        &[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "coffer",
+            &access_key,
+            &secret_key,
+        ],
+    );
+    garage_cli(
+        &bin,
+        first,
+        &[
+            "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", "coffer",
+        ],
+    );
+    GarageCluster {
+        server: S3Server {
+            name: "garage",
+            endpoint: format!("http://127.0.0.1:{}", nodes[0].s3),
+            region: "us-east-1".into(),
+            access_key,
+            secret_key,
+            bucket,
+            ca_pem: None,
+            dir,
+        },
+        nodes,
     }
 }

@@ -1,0 +1,81 @@
+//! Plain PUT and GET throughput of a backend through the store layer alone (no FUSE, no
+//! encryption): the ceiling the benchmark compares mounts with (`coffer store-throughput`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{GetOptions, ObjectStore, PutOptions, StoreResult};
+
+/// Part and ranged-GET size, and GETs in flight: what a mount uses for a large file.
+const PART: u64 = 8 << 20;
+const GETS_IN_FLIGHT: usize = 4;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    pub bytes: u64,
+    pub put_secs: f64,
+    pub get_secs: f64,
+}
+
+impl Throughput {
+    pub fn put_mbps(&self) -> f64 {
+        self.bytes as f64 / self.put_secs / 1e6
+    }
+    pub fn get_mbps(&self) -> f64 {
+        self.bytes as f64 / self.get_secs / 1e6
+    }
+}
+
+/// Uploads `bytes` of random data to `key` as a multipart upload of 8 MiB parts, reads it
+/// back with ranged GETs, checks it, and deletes it.
+pub async fn measure(
+    store: Arc<dyn ObjectStore>,
+    key: &str,
+    bytes: u64,
+) -> StoreResult<Throughput> {
+    let mut part = vec![0u8; PART as usize];
+    getrandom::fill(&mut part).expect("the OS random source works");
+    let part = Bytes::from(part);
+    let t = Instant::now();
+    let mut up = store.create_upload(key, &PutOptions::default()).await?;
+    let mut sent = 0;
+    while sent < bytes {
+        let n = PART.min(bytes - sent);
+        up.put_part(part.slice(..n as usize)).await?;
+        sent += n;
+    }
+    up.complete().await?;
+    let put_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let ranges: Vec<_> = (0..bytes.div_ceil(PART))
+        .map(|i| i * PART..((i + 1) * PART).min(bytes))
+        .collect();
+    let store2 = store.clone();
+    let mut gets = futures::stream::iter(ranges)
+        .map(|r| {
+            let store = store2.clone();
+            async move {
+                store
+                    .get(key, Some(r.clone()), &GetOptions::default())
+                    .await
+                    .map(|g| (r, g.body))
+            }
+        })
+        .buffered(GETS_IN_FLIGHT);
+    while let Some(got) = gets.next().await {
+        let (r, body) = got?;
+        if body.len() as u64 != r.end - r.start || body[..] != part[..body.len()] {
+            return Err(super::StoreError::corrupt(key, "read back different bytes"));
+        }
+    }
+    let get_secs = t.elapsed().as_secs_f64();
+    store.delete(key).await?;
+    Ok(Throughput {
+        bytes,
+        put_secs,
+        get_secs,
+    })
+}
