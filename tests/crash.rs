@@ -99,7 +99,7 @@ fn workload(root: &Path, model: Arc<Mutex<Model>>, mut rng: Rng, iteration: u64)
             let m = model.lock().unwrap();
             let names: Vec<String> = m.files.keys().cloned().collect();
             let pick = rng.below(10);
-            let op = if names.is_empty() || pick < 5 {
+            if names.is_empty() || pick < 5 {
                 // A new file: sizes around the 64 KiB chunk and over several chunks.
                 let size = match rng.below(4) {
                     0 => rng.below(100) as usize,
@@ -133,8 +133,7 @@ fn workload(root: &Path, model: Arc<Mutex<Model>>, mut rng: Rng, iteration: u64)
                         content,
                     },
                 }
-            };
-            op
+            }
         };
         model.lock().unwrap().inflight = Some(op.clone());
         let result = match &op {
