@@ -1306,8 +1306,10 @@ fn cat(a: ReadArgs) -> Result<()> {
         let (obj, _) = coffer::cache::CommittedObject::open(
             vol.store.as_ref(),
             &vol.crypt,
+            &cache,
             &key,
             opened.get_opts(),
+            None,
         )
         .await
         .with_context(|| format!("opening {key}"))?;

@@ -1,11 +1,15 @@
 //! Reading chunks of a committed object: ranged gets aligned to chunks, opened in parallel,
 //! kept in the chunk cache.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use parking_lot::Mutex;
+use tokio::sync::watch;
 
 use super::ChunkCache;
 use crate::crypt::{Crypt, ObjectCipher};
@@ -13,6 +17,15 @@ use crate::error::{FsError, FsResult};
 use crate::store::{GetOptions, ObjectInfo, ObjectStore};
 
 static NEXT_OBJECT: AtomicU64 = AtomicU64::new(1);
+
+/// Most ciphertext per ranged get: a long read-ahead becomes several gets in flight at once
+/// (S3 serves parallel gets faster than one long one) and its first chunks are usable while
+/// later ones still arrive.
+pub const SEGMENT_BYTES: u64 = 2 << 20;
+/// Objects up to this plaintext size are fetched whole when opened.
+pub const WHOLE_OBJECT_BYTES: u64 = 1 << 20;
+/// Gets in flight for one read.
+pub const SEGMENTS_IN_FLIGHT: usize = 4;
 
 /// An object version opened for reading: its cipher and plaintext size.
 pub struct CommittedObject {
@@ -22,26 +35,64 @@ pub struct CommittedObject {
     pub plain_size: u64,
     pub cipher: Arc<ObjectCipher>,
     pub get: GetOptions,
+    /// Chunks being fetched, each with a receiver that turns true (or closes) when its
+    /// fetch ends: a read needing them waits instead of fetching them twice.
+    inflight: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+}
+
+/// Ends a claim on in-flight chunks however the fetch ends (done, failed or cancelled).
+struct InFlightGuard<'a> {
+    obj: &'a CommittedObject,
+    run: Range<u64>,
+    _done: watch::Sender<bool>,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.obj.inflight.lock();
+        for i in self.run.clone() {
+            inflight.remove(&i);
+        }
+        // Dropping the sender wakes the waiters (their wait ends with an error, which they
+        // take as "look in the cache again").
+    }
 }
 
 impl CommittedObject {
     /// Opens an object: one ranged get of its header returns the metadata (with the
     /// envelope) too. With `version_id` in `get`, reads stay on that version.
+    ///
+    /// `size_hint` is the plaintext size the caller expects (from a listing): when it is at
+    /// most [`WHOLE_OBJECT_BYTES`], the whole object is fetched by that one get and its chunks
+    /// go to `cache`, so reading a small file costs one request instead of two (on S3 each
+    /// is a round trip; the hint is only a guess, and a different size just skips that).
     pub async fn open(
         store: &dyn ObjectStore,
         crypt: &Crypt,
+        cache: &ChunkCache,
         key: &str,
         get: GetOptions,
+        size_hint: Option<u64>,
     ) -> FsResult<(CommittedObject, ObjectInfo)> {
         let header_len = crypt.header_len();
-        let (info, header) = if header_len > 0 {
-            let r = store.get(key, Some(0..header_len), &get).await?;
-            (r.info, r.body)
-        } else {
-            (store.head(key, &get).await?, Bytes::new())
+        let whole = size_hint
+            .filter(|&n| n <= WHOLE_OBJECT_BYTES)
+            .map(|n| crypt.geometry().stored_size(n))
+            .filter(|&n| n > 0);
+        let (info, body) = match whole {
+            Some(n) => {
+                let r = store.get(key, Some(0..n.max(header_len)), &get).await?;
+                (r.info, r.body)
+            }
+            None if header_len > 0 => {
+                let r = store.get(key, Some(0..header_len), &get).await?;
+                (r.info, r.body)
+            }
+            None => (store.head(key, &get).await?, Bytes::new()),
         };
         let plain_size = crypt.geometry().plain_size(info.size)?;
         let metadata = info.metadata.clone().unwrap_or_default();
+        let header = body.slice(..(header_len as usize).min(body.len()));
         let cipher = crypt.open_object(&metadata, &header).await?;
         // Later reads stay on this version: by its id where the store has versions, else
         // by its ETag.
@@ -54,20 +105,46 @@ impl CommittedObject {
             version_id,
             ..get
         };
-        Ok((
-            CommittedObject {
-                key: key.to_string(),
-                cache_id: NEXT_OBJECT.fetch_add(1, Ordering::Relaxed),
-                plain_size,
-                cipher: Arc::new(cipher),
-                get,
-            },
-            info,
-        ))
+        let obj = CommittedObject {
+            key: key.to_string(),
+            cache_id: NEXT_OBJECT.fetch_add(1, Ordering::Relaxed),
+            plain_size,
+            cipher: Arc::new(cipher),
+            get,
+            inflight: Mutex::new(HashMap::new()),
+        };
+        if whole.is_some() && body.len() as u64 == info.size && info.size > header_len {
+            // A chunk that fails here fails again, with its error, when it is read; the
+            // parts of the file that are whole stay readable.
+            if let Err(e) = obj
+                .fill_cache(cache, body.slice(header_len as usize..))
+                .await
+            {
+                tracing::debug!("{key}: not cached at open: {e}");
+            }
+        }
+        Ok((obj, info))
     }
 
-    /// The plaintext of `chunks` (clamped to the object), one buffer per chunk, from the
-    /// cache where it has them and with one ranged get per run of missing chunks.
+    /// Opens every chunk of the object from `stored` (the object without its header) into
+    /// the cache.
+    async fn fill_cache(&self, cache: &ChunkCache, stored: Bytes) -> FsResult<()> {
+        let g = self.cipher.geometry();
+        let run = 0..g.chunk_count(self.plain_size);
+        let (cipher, plain_size, r) = (self.cipher.clone(), self.plain_size, run.clone());
+        let opened = tokio::task::spawn_blocking(move || cipher.open(r, plain_size, &stored))
+            .await
+            .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
+        for (i, data) in opened.into_iter().enumerate() {
+            cache.insert((self.cache_id, i as u64), Bytes::from(data));
+        }
+        Ok(())
+    }
+
+    /// The plaintext of `chunks` (clamped to the object), one buffer per chunk: from the
+    /// cache where it has them, by waiting for a fetch already in flight (a read-ahead) where
+    /// one covers them, and otherwise with ranged gets of at most [`SEGMENT_BYTES`] each,
+    /// several in flight at once and opened on the blocking pool.
     pub async fn read_chunks(
         &self,
         store: &dyn ObjectStore,
@@ -80,39 +157,107 @@ impl CommittedObject {
             .clone()
             .map(|i| cache.get(&(self.cache_id, i)))
             .collect();
-        let mut i = 0;
-        while i < out.len() {
-            if out[i].is_some() {
-                i += 1;
-                continue;
+        // Claim the missing chunks nobody is fetching; note the ones somebody is.
+        let mut ours: Vec<Range<u64>> = Vec::new();
+        let mut theirs: Vec<watch::Receiver<bool>> = Vec::new();
+        let mut guards: Vec<InFlightGuard<'_>> = Vec::new();
+        {
+            let mut inflight = self.inflight.lock();
+            let seg_chunks = (SEGMENT_BYTES / g.chunk).max(1);
+            for (j, i) in chunks.clone().enumerate() {
+                if out[j].is_some() {
+                    continue;
+                }
+                if let Some(rx) = inflight.get(&i) {
+                    theirs.push(rx.clone());
+                    continue;
+                }
+                match ours.last_mut() {
+                    Some(r) if r.end == i && r.end - r.start < seg_chunks => r.end += 1,
+                    _ => ours.push(i..i + 1),
+                }
             }
-            let start = i;
-            while i < out.len() && out[i].is_none() {
-                i += 1;
+            for run in ours {
+                let (tx, rx) = watch::channel(false);
+                for i in run.clone() {
+                    inflight.insert(i, rx.clone());
+                }
+                guards.push(InFlightGuard {
+                    obj: self,
+                    run,
+                    _done: tx,
+                });
             }
-            let run = chunks.start + start as u64..chunks.start + i as u64;
-            let range = g.stored_range(run.clone(), self.plain_size);
-            let got = store.get(&self.key, Some(range.clone()), &self.get).await?;
-            if got.range != range {
-                return Err(FsError::Crypt(crate::crypt::CryptError::BadSize(
-                    got.info.size,
-                )));
+        }
+        // Fetch ours, a few segments at a time.
+        // Each claim ends with its own get, so a reader waiting on the first segment of a
+        // long read-ahead goes on as soon as that segment is in.
+        // (Collected first: a closure kept inside the stream across awaits trips the
+        // compiler's Send check on the callers' futures.)
+        let fetches: Vec<_> = guards
+            .into_iter()
+            .map(|guard| async move {
+                let data = self.fetch_run(store, cache, guard.run.clone()).await?;
+                Ok::<_, FsError>((guard.run.start, data))
+            })
+            .collect();
+        let fetched: Vec<(u64, Vec<Bytes>)> = futures::stream::iter(fetches)
+            .buffer_unordered(SEGMENTS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (start, data) in fetched {
+            for (k, d) in data.into_iter().enumerate() {
+                out[(start - chunks.start) as usize + k] = Some(d);
             }
-            let cipher = self.cipher.clone();
-            let plain_size = self.plain_size;
-            let r = run.clone();
-            let opened = tokio::task::spawn_blocking(move || cipher.open(r, plain_size, &got.body))
-                .await
-                .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
-            for (j, data) in opened.into_iter().enumerate() {
-                let data = Bytes::from(data);
-                cache.insert((self.cache_id, run.start + j as u64), data.clone());
-                out[start + j] = Some(data);
+        }
+        // Wait for the others' fetches; whatever they did not leave in the cache (failed,
+        // or evicted already) is fetched here.
+        for mut rx in theirs {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+        for (j, i) in chunks.clone().enumerate() {
+            if out[j].is_none() {
+                out[j] = match cache.get(&(self.cache_id, i)) {
+                    Some(d) => Some(d),
+                    None => Some(self.fetch_run(store, cache, i..i + 1).await?.remove(0)),
+                };
             }
         }
         Ok(out
             .into_iter()
             .map(|b| b.expect("every chunk filled"))
+            .collect())
+    }
+
+    /// One ranged get of the chunks `run`, opened and put in the cache.
+    async fn fetch_run(
+        &self,
+        store: &dyn ObjectStore,
+        cache: &ChunkCache,
+        run: Range<u64>,
+    ) -> FsResult<Vec<Bytes>> {
+        let g = self.cipher.geometry();
+        let range = g.stored_range(run.clone(), self.plain_size);
+        let got = store.get(&self.key, Some(range.clone()), &self.get).await?;
+        if got.range != range {
+            return Err(FsError::Crypt(crate::crypt::CryptError::BadSize(
+                got.info.size,
+            )));
+        }
+        let cipher = self.cipher.clone();
+        let plain_size = self.plain_size;
+        let r = run.clone();
+        let opened = tokio::task::spawn_blocking(move || cipher.open(r, plain_size, &got.body))
+            .await
+            .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
+        Ok(opened
+            .into_iter()
+            .enumerate()
+            .map(|(j, data)| {
+                let data = Bytes::from(data);
+                cache.insert((self.cache_id, run.start + j as u64), data.clone());
+                data
+            })
             .collect())
     }
 

@@ -7,6 +7,7 @@
 //! streamed, then stages. A commit of staged changes rewrites the object with a fresh data
 //! key, streaming it chunk by chunk, so memory stays bounded for any file size.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,24 +43,54 @@ struct Staged {
     staging: Option<StagingFile>,
 }
 
-/// Read-ahead of one file: a window that doubles with each sequential read.
-#[derive(Default)]
-struct ReadAhead {
-    /// Where the next sequential read would start.
+/// One sequential reader of a file (fio's parallel readers, or `cp` and a checksummer at
+/// once, each keep their own): a read-ahead window that doubles while it reads on.
+struct ReadStream {
+    /// Where its next sequential read would start.
     next: u64,
+    /// Bytes read sequentially so far.
+    run: u64,
     window: u64,
     /// Prefetched (or being prefetched) up to here.
     fetched_to: u64,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// Prefetches in flight, oldest first.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// For replacing the least recently used stream.
+    last_used: u64,
 }
 
 const READ_AHEAD_START: u64 = 1 << 20;
 /// Most read-ahead per sequential reader: bounds its memory beyond the chunk cache.
-const READ_AHEAD_MAX: u64 = 16 << 20;
+const READ_AHEAD_MAX: u64 = 32 << 20;
+/// A stream not starting at 0 gets read-ahead once it has read this much in order, so random
+/// reads of a few hundred KiB (which the kernel splits into several requests) fetch nothing
+/// they do not need.
+const READ_AHEAD_AFTER: u64 = 512 << 10;
+/// Sequential streams tracked per file.
+const MAX_STREAMS: usize = 8;
+/// Prefetches in flight per stream.
+const PREFETCHES_PER_STREAM: usize = 2;
+
+/// What is left of a read once the file is released.
+pub enum ReadPlan {
+    Ready(Vec<u8>),
+    /// Bytes `range` of the committed object.
+    Committed(Arc<CommittedObject>, Range<u64>),
+}
+
+impl ReadPlan {
+    pub async fn run(self, ctx: &FileCtx<'_>) -> FsResult<Vec<u8>> {
+        match self {
+            ReadPlan::Ready(data) => Ok(data),
+            ReadPlan::Committed(obj, range) => obj.read(ctx.store.as_ref(), ctx.cache, range).await,
+        }
+    }
+}
 
 pub struct FileData {
     content: Content,
-    read_ahead: ReadAhead,
+    streams: Vec<ReadStream>,
+    reads: u64,
     /// The committed object, opened lazily for reads.
     committed: Option<Arc<CommittedObject>>,
     /// Size of the committed object's plaintext (0 if none).
@@ -73,7 +104,8 @@ impl FileData {
     pub fn existing(size: u64) -> FileData {
         FileData {
             content: Content::Clean,
-            read_ahead: ReadAhead::default(),
+            streams: Vec::new(),
+            reads: 0,
             committed: None,
             committed_size: size,
             exists: true,
@@ -88,7 +120,8 @@ impl FileData {
                 size: 0,
                 staging: None,
             }),
-            read_ahead: ReadAhead::default(),
+            streams: Vec::new(),
+            reads: 0,
             committed: None,
             committed_size: 0,
             exists: false,
@@ -121,12 +154,16 @@ impl FileData {
             version_id: None,
             if_match: None,
         };
-        let (obj, _) = CommittedObject::open(ctx.store.as_ref(), ctx.crypt, key, get).await?;
+        let hint = self.exists.then_some(self.committed_size);
+        let (obj, _) =
+            CommittedObject::open(ctx.store.as_ref(), ctx.crypt, ctx.cache, key, get, hint).await?;
         let obj = Arc::new(obj);
         self.committed = Some(obj.clone());
         Ok(obj)
     }
 
+    /// Reads `len` bytes at `offset`. Prefer [`Self::plan_read`] where the file sits behind a
+    /// lock: its slow part runs without it.
     pub async fn read(
         &mut self,
         ctx: &FileCtx<'_>,
@@ -135,6 +172,23 @@ impl FileData {
         offset: u64,
         len: u64,
     ) -> FsResult<Vec<u8>> {
+        self.plan_read(ctx, key, meta, offset, len)
+            .await?
+            .run(ctx)
+            .await
+    }
+
+    /// Starts a read: what staged content and streaming writes need is done here (with the
+    /// file held); a read of the committed object is returned as a plan to run after the
+    /// file is released, so parallel readers of one file do not queue behind each other.
+    pub async fn plan_read(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        meta: impl FnOnce() -> Metadata,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<ReadPlan> {
         if matches!(self.content, Content::Streaming(_)) {
             // Read-your-writes: make what was streamed readable first.
             self.commit(ctx, key, meta()).await?;
@@ -142,14 +196,13 @@ impl FileData {
         let size = self.size();
         let end = offset.saturating_add(len).min(size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(ReadPlan::Ready(Vec::new()));
         }
         match &self.content {
             Content::Clean => {
                 let obj = self.committed(ctx, key).await?;
-                let data = obj.read(ctx.store.as_ref(), ctx.cache, offset..end).await?;
                 self.read_ahead(ctx, &obj, offset, end);
-                Ok(data)
+                Ok(ReadPlan::Committed(obj, offset..end))
             }
             Content::Staged(_) => {
                 let chunk = ctx.crypt.geometry().chunk;
@@ -161,36 +214,72 @@ impl FileData {
                     let to = (end - base).min(chunk) as usize;
                     out.extend_from_slice(&data[from..to]);
                 }
-                Ok(out)
+                Ok(ReadPlan::Ready(out))
             }
             Content::Streaming(_) => unreachable!("committed above"),
         }
     }
 
-    /// After a read of `offset..end`: when reads are sequential, fetches the next window into
-    /// the chunk cache in the background (one fetch in flight per file).
+    /// After a read of `offset..end`: finds the sequential stream it continues (or starts
+    /// one), and keeps that stream's window fetched ahead into the chunk cache in the
+    /// background, refilling when less than half of it is left ahead of the reader.
     fn read_ahead(&mut self, ctx: &FileCtx<'_>, obj: &Arc<CommittedObject>, offset: u64, end: u64) {
-        let ra = &mut self.read_ahead;
-        if offset == ra.next {
-            ra.window = (ra.window * 2).clamp(READ_AHEAD_START, READ_AHEAD_MAX);
-        } else {
-            ra.window = 0;
-            ra.fetched_to = 0;
-        }
-        ra.next = end;
-        if ra.window == 0 || ra.task.as_ref().is_some_and(|t| !t.is_finished()) {
+        self.reads += 1;
+        let now = self.reads;
+        // Requests of one reader may arrive a little out of order (the kernel has several
+        // in flight): near the stream's position counts as continuing it.
+        let near = |s: &ReadStream| offset.abs_diff(s.next) <= READ_AHEAD_START;
+        let s = match self.streams.iter().position(near) {
+            Some(i) => {
+                let s = &mut self.streams[i];
+                s.run += end - offset;
+                s.next = s.next.max(end);
+                s
+            }
+            None => {
+                let fresh = ReadStream {
+                    next: end,
+                    run: if offset == 0 {
+                        READ_AHEAD_AFTER
+                    } else {
+                        end - offset
+                    },
+                    window: 0,
+                    fetched_to: end,
+                    tasks: Vec::new(),
+                    last_used: now,
+                };
+                if self.streams.len() < MAX_STREAMS {
+                    self.streams.push(fresh);
+                    self.streams.last_mut().expect("just pushed")
+                } else {
+                    let lru = (0..self.streams.len())
+                        .min_by_key(|&i| self.streams[i].last_used)
+                        .expect("streams is full");
+                    self.streams[lru] = fresh;
+                    &mut self.streams[lru]
+                }
+            }
+        };
+        s.last_used = now;
+        if s.run < READ_AHEAD_AFTER {
             return;
         }
-        let from = end.max(ra.fetched_to);
-        let to = (end + ra.window).min(obj.plain_size);
+        s.tasks.retain(|t| !t.is_finished());
+        let ahead = s.fetched_to.saturating_sub(end);
+        if ahead >= s.window / 2 && s.window > 0 || s.tasks.len() >= PREFETCHES_PER_STREAM {
+            return;
+        }
+        s.window = (s.window * 2).clamp(READ_AHEAD_START, READ_AHEAD_MAX);
+        let from = s.fetched_to.max(end);
+        let to = (end + s.window).min(obj.plain_size);
         if from >= to {
             return;
         }
-        ra.fetched_to = to;
-        let g = obj.cipher.geometry();
-        let chunks = g.chunks_of(from..to, obj.plain_size);
+        s.fetched_to = to;
+        let chunks = obj.cipher.geometry().chunks_of(from..to, obj.plain_size);
         let (obj, store, cache) = (obj.clone(), ctx.store.clone(), ctx.cache.clone());
-        ra.task = Some(tokio::spawn(async move {
+        s.tasks.push(tokio::spawn(async move {
             // A failed prefetch is only a missed optimisation: the read itself reports errors.
             let _ = obj.read_chunks(store.as_ref(), &cache, chunks).await;
         }));

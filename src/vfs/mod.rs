@@ -993,14 +993,16 @@ impl Vfs {
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let _ns = self.namespace.read().await;
         let (f, key, meta, _) = self.file_of(ino)?;
-        let mut fd = f.lock().await;
-        let data = fd
-            .read(&self.ctx(), &key, || meta, offset, size as u64)
+        let ctx = self.ctx();
+        let plan = f
+            .lock()
             .await
-            .inspect_err(|e| {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                error!("{key}: read at {offset}: {e}");
-            })?;
+            .plan_read(&ctx, &key, || meta, offset, size as u64)
+            .await;
+        let data = async { plan?.run(&ctx).await }.await.inspect_err(|e| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            error!("{key}: read at {offset}: {e}");
+        })?;
         self.stats
             .bytes_read
             .fetch_add(data.len() as u64, Ordering::Relaxed);
