@@ -43,7 +43,7 @@ pub struct StreamingWriter {
     parts_sent: u64,
     header_sent: bool,
     written: u64,
-    tx: Option<mpsc::Sender<(Bytes, Reservation)>>,
+    tx: Option<mpsc::Sender<(JoinHandle<Vec<u8>>, Reservation)>>,
     uploader: Option<JoinHandle<StoreResult<ObjectInfo>>>,
     /// The global write-buffer budget, and what this writer holds of it for `pending`.
     budget: Option<Arc<MemoryBudget>>,
@@ -85,10 +85,22 @@ impl StreamingWriter {
     /// Starts the multipart upload and the task that feeds it parts.
     async fn start_upload(&mut self) -> StoreResult<()> {
         let mut upload = self.store.create_upload(&self.key, &self.opts).await?;
-        let (tx, mut rx) = mpsc::channel::<(Bytes, Reservation)>(PARTS_IN_FLIGHT);
+        let (tx, mut rx) = mpsc::channel::<(JoinHandle<Vec<u8>>, Reservation)>(PARTS_IN_FLIGHT);
+        let key = self.key.clone();
         self.uploader = Some(tokio::spawn(async move {
-            // Each part's budget is returned once the store has it.
-            while let Some((part, _reservation)) = rx.recv().await {
+            // Parts arrive in order, each still being sealed; each part's budget is returned
+            // once the store has it.
+            while let Some((sealing, _reservation)) = rx.recv().await {
+                let part = match sealing.await {
+                    Ok(sealed) => Bytes::from(sealed),
+                    Err(e) => {
+                        let _ = upload.abort().await;
+                        return Err(StoreError::invalid(
+                            &key,
+                            format!("sealing task failed: {e}"),
+                        ));
+                    }
+                };
                 if let Err(e) = upload.put_part(part).await {
                     let _ = upload.abort().await;
                     return Err(e);
@@ -123,7 +135,12 @@ impl StreamingWriter {
         self.pending.extend_from_slice(data);
         self.written += data.len() as u64;
         while self.pending.len() > self.part_size() {
-            let rest = self.pending.split_off(self.part_size());
+            // The next part's buffer is allocated whole once: growing it by doubling would
+            // copy each part about twice more and fault in fresh pages each time.
+            let size = self.part_size();
+            let mut rest = Vec::with_capacity(size + (1 << 20));
+            rest.extend_from_slice(&self.pending[size..]);
+            self.pending.truncate(size);
             let part = std::mem::replace(&mut self.pending, rest);
             self.send(part, false).await?;
         }
@@ -131,13 +148,22 @@ impl StreamingWriter {
     }
 
     async fn seal(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<Vec<u8>> {
+        self.start_seal(plaintext, ends_file)
+            .await
+            .map_err(|e| StoreError::invalid(&self.key, format!("sealing task failed: {e}")))
+    }
+
+    /// Starts sealing the next part on the blocking pool and returns at once, so the writer
+    /// takes the next writes while the part is sealed (the uploader waits for it in order).
+    fn start_seal(&mut self, plaintext: Vec<u8>, ends_file: bool) -> JoinHandle<Vec<u8>> {
         let cipher = self.cipher.clone();
         let first = self.next_chunk;
         let chunk = cipher.geometry().chunk;
         self.next_chunk += (plaintext.len() as u64).div_ceil(chunk).max(1);
         let with_header = !self.header_sent;
         self.header_sent = true;
-        let sealed = tokio::task::spawn_blocking(move || {
+        self.parts_sent += 1;
+        tokio::task::spawn_blocking(move || {
             let body = cipher.seal(first, &plaintext, ends_file);
             if with_header {
                 let mut out = Vec::with_capacity(cipher.header().len() + body.len());
@@ -148,21 +174,17 @@ impl StreamingWriter {
                 body
             }
         })
-        .await
-        .map_err(|e| StoreError::invalid(&self.key, format!("sealing task failed: {e}")))?;
-        self.parts_sent += 1;
-        Ok(sealed)
     }
 
     async fn send(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<()> {
-        let sealed = self.seal(plaintext, ends_file).await?;
+        let sealed = self.start_seal(plaintext, ends_file);
         if self.tx.is_none() {
             self.start_upload().await?;
         }
         let tx = self.tx.as_ref().expect("upload started above");
         // The part takes this writer's budget with it; the next part reserves anew.
         let reservation = std::mem::replace(&mut self.held, Reservation::none());
-        if tx.send((Bytes::from(sealed), reservation)).await.is_err() {
+        if tx.send((sealed, reservation)).await.is_err() {
             // The uploader stopped: its result says why.
             return Err(self
                 .join()
