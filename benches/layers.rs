@@ -106,37 +106,26 @@ fn reader_layer(c: &mut Criterion) {
         .unwrap()
         .0
     };
+    let read_all = |obj: &CommittedObject, cache: &ChunkCache| {
+        rt.block_on(async {
+            for off in (0..FILE as u64).step_by(MIB) {
+                let range = off..off + MIB as u64;
+                black_box(obj.read(store.as_ref(), cache, range).await.unwrap());
+            }
+        })
+    };
     let mut g = c.benchmark_group("reader");
     g.throughput(Throughput::Bytes(FILE as u64));
     g.bench_function("16 MiB in 1 MiB reads, cold", |b| {
         b.iter(|| {
             let cache = ChunkCache::new(64 * MIB);
-            let obj = open(&cache);
-            rt.block_on(async {
-                for off in (0..FILE as u64).step_by(MIB) {
-                    black_box(
-                        obj.read(store.as_ref(), &cache, off..off + MIB as u64)
-                            .await
-                            .unwrap(),
-                    );
-                }
-            })
+            read_all(&open(&cache), &cache)
         })
     });
     let cache = ChunkCache::new(64 * MIB);
     let obj = open(&cache);
     g.bench_function("16 MiB in 1 MiB reads, warm", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                for off in (0..FILE as u64).step_by(MIB) {
-                    black_box(
-                        obj.read(store.as_ref(), &cache, off..off + MIB as u64)
-                            .await
-                            .unwrap(),
-                    );
-                }
-            })
-        })
+        b.iter(|| read_all(&obj, &cache))
     });
     g.finish();
 }

@@ -129,16 +129,31 @@ impl CommittedObject {
     /// Opens every chunk of the object from `stored` (the object without its header) into
     /// the cache.
     async fn fill_cache(&self, cache: &ChunkCache, stored: Bytes) -> FsResult<()> {
-        let g = self.cipher.geometry();
-        let run = 0..g.chunk_count(self.plain_size);
+        let run = 0..self.cipher.geometry().chunk_count(self.plain_size);
+        self.open_into_cache(cache, run, stored).await.map(drop)
+    }
+
+    /// Opens the chunks `run` from their stored bytes on the blocking pool, and puts each in
+    /// the cache.
+    async fn open_into_cache(
+        &self,
+        cache: &ChunkCache,
+        run: Range<u64>,
+        stored: Bytes,
+    ) -> FsResult<Vec<Bytes>> {
         let (cipher, plain_size, r) = (self.cipher.clone(), self.plain_size, run.clone());
         let opened = tokio::task::spawn_blocking(move || cipher.open(r, plain_size, &stored))
             .await
             .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
-        for (i, data) in opened.into_iter().enumerate() {
-            cache.insert((self.cache_id, i as u64), Bytes::from(data));
-        }
-        Ok(())
+        Ok(opened
+            .into_iter()
+            .enumerate()
+            .map(|(j, data)| {
+                let data = Bytes::from(data);
+                cache.insert((self.cache_id, run.start + j as u64), data.clone());
+                data
+            })
+            .collect())
     }
 
     /// The plaintext of `chunks` (clamped to the object), one buffer per chunk: from the
@@ -244,21 +259,7 @@ impl CommittedObject {
                 got.info.size,
             )));
         }
-        let cipher = self.cipher.clone();
-        let plain_size = self.plain_size;
-        let r = run.clone();
-        let opened = tokio::task::spawn_blocking(move || cipher.open(r, plain_size, &got.body))
-            .await
-            .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
-        Ok(opened
-            .into_iter()
-            .enumerate()
-            .map(|(j, data)| {
-                let data = Bytes::from(data);
-                cache.insert((self.cache_id, run.start + j as u64), data.clone());
-                data
-            })
-            .collect())
+        self.open_into_cache(cache, run, got.body).await
     }
 
     /// Plaintext bytes `range` of the object.
