@@ -81,7 +81,7 @@ impl CommittedObject {
             .filter(|&n| n > 0);
         let (info, body) = match whole {
             Some(n) => {
-                let r = store.get(key, Some(0..n.max(header_len)), &get).await?;
+                let r = store.get(key, Some(0..n), &get).await?;
                 (r.info, r.body)
             }
             None if header_len > 0 => {

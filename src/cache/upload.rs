@@ -31,6 +31,11 @@ pub fn part_plaintext(n: u64, chunk: u64, limits: &StoreLimits) -> u64 {
     (size / chunk).max(1) * chunk
 }
 
+/// A sealing task that panicked or was cancelled.
+fn sealing_failed(key: &str, e: tokio::task::JoinError) -> StoreError {
+    StoreError::invalid(key, format!("sealing task failed: {e}"))
+}
+
 pub struct StreamingWriter {
     store: Arc<dyn ObjectStore>,
     opts: PutOptions,
@@ -95,10 +100,7 @@ impl StreamingWriter {
                     Ok(sealed) => Bytes::from(sealed),
                     Err(e) => {
                         let _ = upload.abort().await;
-                        return Err(StoreError::invalid(
-                            &key,
-                            format!("sealing task failed: {e}"),
-                        ));
+                        return Err(sealing_failed(&key, e));
                     }
                 };
                 if let Err(e) = upload.put_part(part).await {
@@ -150,7 +152,7 @@ impl StreamingWriter {
     async fn seal(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<Vec<u8>> {
         self.start_seal(plaintext, ends_file)
             .await
-            .map_err(|e| StoreError::invalid(&self.key, format!("sealing task failed: {e}")))
+            .map_err(|e| sealing_failed(&self.key, e))
     }
 
     /// Starts sealing the next part on the blocking pool and returns at once, so the writer

@@ -162,22 +162,6 @@ impl FileData {
         Ok(obj)
     }
 
-    /// Reads `len` bytes at `offset`. Prefer [`Self::plan_read`] where the file sits behind a
-    /// lock: its slow part runs without it.
-    pub async fn read(
-        &mut self,
-        ctx: &FileCtx<'_>,
-        key: &str,
-        meta: impl FnOnce() -> Metadata,
-        offset: u64,
-        len: u64,
-    ) -> FsResult<Vec<u8>> {
-        self.plan_read(ctx, key, meta, offset, len)
-            .await?
-            .run(ctx)
-            .await
-    }
-
     /// Starts a read: what staged content and streaming writes need is done here (with the
     /// file held); a read of the committed object is returned as a plan to run after the
     /// file is released, so parallel readers of one file do not queue behind each other.
