@@ -40,6 +40,8 @@ pub struct S3File {
     pub path_style: Option<bool>,
     pub ca_bundle: Option<PathBuf>,
     pub checksum: Option<String>,
+    pub request_timeout: Option<f64>,
+    pub attempts: Option<u32>,
 }
 
 /// `--config NAME` means `/etc/coffer/NAME.toml`; anything with a `/` or a `.toml` suffix

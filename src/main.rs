@@ -95,6 +95,13 @@ struct S3Args {
     /// Checksum sent with every put and verified by the server: crc32c or sha256.
     #[arg(long, default_value = "crc32c")]
     checksum: String,
+    /// Seconds one attempt of a request may take before it is abandoned and retried: a
+    /// stalled server slows the caller, it never hangs it.
+    #[arg(long, default_value_t = 120.0)]
+    request_timeout: f64,
+    /// Attempts per request, the first included, before the error reaches the caller (EIO).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100))]
+    attempts: u32,
 }
 
 impl S3Args {
@@ -110,6 +117,16 @@ impl S3Args {
                 "sha256" => WireChecksum::Sha256,
                 other => bail!("--checksum {other}: use crc32c or sha256"),
             },
+            attempt_timeout: {
+                if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
+                    bail!(
+                        "--request-timeout {}: a positive number of seconds",
+                        self.request_timeout
+                    );
+                }
+                std::time::Duration::from_secs_f64(self.request_timeout)
+            },
+            max_attempts: self.attempts,
             ..Default::default()
         })
     }
@@ -703,6 +720,16 @@ fn apply_config(a: &mut MountArgs, m: &clap::ArgMatches) -> Result<()> {
         }
         if unset("ca_bundle") && s3.ca_bundle.is_some() {
             t.ca_bundle = s3.ca_bundle.clone();
+        }
+        if unset("request_timeout")
+            && let Some(v) = s3.request_timeout
+        {
+            t.request_timeout = v;
+        }
+        if unset("attempts")
+            && let Some(v) = s3.attempts
+        {
+            t.attempts = v;
         }
         if unset("checksum")
             && let Some(c) = &s3.checksum

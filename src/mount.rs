@@ -204,6 +204,18 @@ pub fn run(
         .with_context(|| format!("mounting at {}", opts.mountpoint.display()))?;
     let bg = session.spawn()?;
 
+    // Content of files that were open when a mount crashed (see OPEN_DELETED_DIR).
+    if !parsed.read_only {
+        let vfs = vfs.clone();
+        rt.spawn(async move {
+            match vfs.clean_open_deleted().await {
+                Ok(0) => {}
+                Ok(n) => info!("deleted {n} files left open-and-deleted by an earlier mount"),
+                Err(e) => warn!("cleaning files left open-and-deleted: {e}"),
+            }
+        });
+    }
+
     // Attribute changes reach the store within a second.
     let flusher = {
         let vfs = vfs.clone();

@@ -105,13 +105,26 @@ impl VolumeConfig {
                 path.display()
             )
         })?;
-        let cfg: VolumeConfig =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+        Self::parse(&text, &file.display().to_string())
+    }
+
+    /// Parses a store's config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<VolumeConfig> {
+        let cfg: VolumeConfig = toml::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?;
         if cfg.format != FORMAT {
             bail!(
-                "{}: format {} is not supported by this coffer (it reads format {FORMAT})",
-                file.display(),
+                "{origin}: format {} is not supported by this coffer (it reads format {FORMAT})",
                 cfg.format
+            );
+        }
+        // Found by fuzzing: a hostile chunk size must not reach the size arithmetic.
+        let shifts = crate::crypt::format::MIN_CHUNK_SHIFT..=crate::crypt::format::MAX_CHUNK_SHIFT;
+        if !shifts.contains(&cfg.chunk_shift) {
+            bail!(
+                "{origin}: chunk_shift {} is outside {}..={}",
+                cfg.chunk_shift,
+                shifts.start(),
+                shifts.end()
             );
         }
         Ok(cfg)
@@ -447,14 +460,7 @@ pub async fn read_s3_config(store: &S3Store) -> Result<VolumeConfig> {
     };
     let origin = format!("{}{S3_CONFIG_KEY}", store.location());
     let text = std::str::from_utf8(&got.body).map_err(|_| anyhow!("{origin}: not UTF-8"))?;
-    let cfg: VolumeConfig = toml::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?;
-    if cfg.format != FORMAT {
-        bail!(
-            "{origin}: format {} is not supported by this coffer (it reads format {FORMAT})",
-            cfg.format
-        );
-    }
-    Ok(cfg)
+    VolumeConfig::parse(text, &origin)
 }
 
 /// Opens an S3 store with the given key files.
@@ -681,4 +687,18 @@ pub fn default_paths() -> Result<(PathBuf, PathBuf)> {
         xdg("XDG_DATA_HOME", ".local/share")?.join("coffer/default"),
         xdg("XDG_CONFIG_HOME", ".config")?.join("coffer/root.key"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_chunk_sizes_are_refused() {
+        let text = "format = 1\nstore_id = \"0123456789abcdef\"\nchunk_shift = 76\n\n[encryption]\nmode = \"client\"\nkey_ids = []\n";
+        let e = VolumeConfig::parse(text, "t").unwrap_err().to_string();
+        assert!(e.contains("chunk_shift 76"), "{e}");
+        let ok = text.replace("= 76", "= 16");
+        assert_eq!(VolumeConfig::parse(&ok, "t").unwrap().chunk_shift, 16);
+    }
 }

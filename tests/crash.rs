@@ -69,6 +69,9 @@ struct Model {
     files: BTreeMap<String, Vec<u8>>,
     inflight: Option<Op>,
     acknowledged: u64,
+    /// The errno that stopped the workload at each kill point (ENOTCONN or similar for the
+    /// kill itself, ENOSPC where a replica was cut first).
+    stopped_by: BTreeMap<i32, u64>,
 }
 
 const DIR: &str = "work";
@@ -141,8 +144,15 @@ fn workload(root: &Path, model: Arc<Mutex<Model>>, mut rng: Rng, iteration: u64)
             Op::Rename { from, to, .. } => fs::rename(dir.join(from), dir.join(to)),
             Op::Delete { name, .. } => fs::remove_file(dir.join(name)),
         };
-        if result.is_err() {
-            return; // killed: the operation stays in flight
+        if let Err(e) = result {
+            // Killed (or a replica cut): the operation stays in flight.
+            *model
+                .lock()
+                .unwrap()
+                .stopped_by
+                .entry(e.raw_os_error().unwrap_or(-1))
+                .or_default() += 1;
+            return;
         }
         let mut m = model.lock().unwrap();
         match op {
@@ -251,7 +261,20 @@ fn kill_points(var: &str, default: u64) -> u64 {
 }
 
 /// Runs `points` kill points with `mount` making each mount.
-fn harness(points: u64, label: &str, mut mount: impl FnMut() -> Mount) -> (u64, u64) {
+fn harness(points: u64, label: &str, mount: impl FnMut() -> Mount) -> (u64, u64) {
+    let (acked, torn, _) = harness_with(points, label, mount, |_, _| {}, || {});
+    (acked, torn)
+}
+
+/// [`harness`], with `before_kill` run at each kill point (with its index) just before the
+/// kill, and `after_kill` right after it.
+fn harness_with(
+    points: u64,
+    label: &str,
+    mut mount: impl FnMut() -> Mount,
+    mut before_kill: impl FnMut(u64, &mut Rng),
+    mut after_kill: impl FnMut(),
+) -> (u64, u64, BTreeMap<i32, u64>) {
     let seed = std::env::var("COFFER_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -285,7 +308,9 @@ fn harness(points: u64, label: &str, mut mount: impl FnMut() -> Mount) -> (u64, 
         };
         // Kill early in some rounds (mid-first-write) and later in others.
         std::thread::sleep(Duration::from_millis(5 + rng.below(400)));
+        before_kill(i, &mut rng);
         m.kill();
+        after_kill();
         worker.join().unwrap();
         model = Arc::try_unwrap(shared).ok().unwrap().into_inner().unwrap();
     }
@@ -297,7 +322,7 @@ fn harness(points: u64, label: &str, mut mount: impl FnMut() -> Mount) -> (u64, 
         model.acknowledged,
         model.files.len()
     );
-    (model.acknowledged, torn_checks)
+    (model.acknowledged, torn_checks, model.stopped_by)
 }
 
 #[test]
@@ -338,4 +363,86 @@ fn kills_on_garage_lose_nothing_acknowledged() {
         acked > points,
         "the workload hardly ran: {acked} operations"
     );
+}
+
+/// Replica 2 of 3 lives on its own tmpfs, which is filled up at every other kill point while
+/// the workload runs (writes to that replica are cut: ENOSPC), then the mount is killed and
+/// the space comes back. Writes that failed were never acknowledged; those that
+/// were must all read back, and scrub must be clean after repair.
+#[test]
+fn kills_with_a_replica_cut_lose_nothing_acknowledged() {
+    require_fuse();
+    let s = TestStore::new(3);
+    let replica = s.replica(2);
+    let saved = s.dir.path().join("replica-2-init");
+    run(Command::new("cp").arg("-a").arg(&replica).arg(&saved));
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
+        .arg(&replica)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tmpfs replica needs root (CI runs as root)"
+    );
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(replica.clone());
+    sh(&format!(
+        "cp -a '{}'/. '{}'/",
+        saved.display(),
+        replica.display()
+    ));
+    // The cut: the tmpfs filled up (a read-only remount is refused while coffer has files
+    // open for writing there), so every write to that replica fails with ENOSPC.
+    let filler = replica.join("filler");
+    let fill = || {
+        sh(&format!(
+            "fallocate -l $(df --output=avail -B1 '{0}' | tail -1) '{1}' || \
+             dd if=/dev/zero of='{1}' bs=1M 2>/dev/null || true",
+            replica.display(),
+            filler.display()
+        ));
+    };
+    let unfill = || {
+        let _ = fs::remove_file(&filler);
+    };
+    let points = kill_points("COFFER_CRASH_CUT", 40);
+    let cuts = std::cell::Cell::new(0u64);
+    let (acked, _, stopped_by) = harness_with(
+        points,
+        "local store, replica cut",
+        || s.mount(),
+        |i, rng| {
+            if i % 2 == 0 {
+                fill();
+                cuts.set(cuts.get() + 1);
+                // Let the workload run into the cut before the kill.
+                std::thread::sleep(Duration::from_millis(5 + rng.below(200)));
+            }
+        },
+        unfill,
+    );
+    let nospace = stopped_by.get(&libc::ENOSPC).copied().unwrap_or(0);
+    eprintln!(
+        "replica writes cut at {} of {points} kill points; the workload stopped by errno: {stopped_by:?}",
+        cuts.get()
+    );
+    assert!(
+        nospace * 2 >= cuts.get(),
+        "the cut replica stopped only {nospace} of {} cut rounds with ENOSPC",
+        cuts.get()
+    );
+    assert!(
+        acked > points / 2,
+        "the workload hardly ran: {acked} operations"
+    );
+    let store = s.store.to_str().unwrap();
+    run(Command::new(coffer_bin()).args(["scrub", store, "--repair"]));
+    let report = run(Command::new(coffer_bin()).args(["scrub", store]));
+    eprintln!("scrub after repair: {report}");
 }

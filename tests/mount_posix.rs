@@ -534,7 +534,7 @@ fn sequential_reads_are_served_by_read_ahead() {
 fn many_large_files_written_at_once_stay_within_the_memory_limit() {
     require_fuse();
     let s = TestStore::new(1);
-    let m = s.mount_with(&["--memory-limit", "96"]);
+    let m = s.mount_with(&["--memory-limit", "96", "--cache-size", "16"]);
     let writers: Vec<_> = (0..6)
         .map(|i| {
             let p = m.p(&format!("w{i}"));
@@ -551,16 +551,29 @@ fn many_large_files_written_at_once_stay_within_the_memory_limit() {
     for w in writers {
         w.join().unwrap();
     }
-    let peak = m.peak_rss_kib();
-    for i in 0..6 {
-        let d = fs::read(m.p(&format!("w{i}"))).unwrap();
-        assert!(
-            d.len() == 64 << 20 && d.iter().all(|&b| b == i as u8),
-            "file {i}"
-        );
+    let after_writes = m.peak_rss_kib();
+    // Then all six open at once for reading (sequential read-ahead on each), twice over.
+    let readers: Vec<_> = (0..6)
+        .map(|i| {
+            let p = m.p(&format!("w{i}"));
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let d = fs::read(&p).unwrap();
+                    assert!(
+                        d.len() == 64 << 20 && d.iter().all(|&b| b == i as u8),
+                        "file {i}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
     }
+    let peak = m.peak_rss_kib();
     eprintln!(
-        "peak RSS with 6 writers under a 96 MiB limit: {} MiB",
+        "peak RSS under a 96 MiB limit and a 16 MiB cache: {} MiB after 6 writers of 64 MiB, {} MiB after 6 readers",
+        after_writes / 1024,
         peak / 1024
     );
     // The limit covers buffers and caches; the process itself adds some tens of MiB.

@@ -411,6 +411,86 @@ fn rsync_survives_throttling_and_resets() {
     m.unmount();
 }
 
+/// A backend that stops answering requests for one file: the operation that needs them
+/// fails with EIO once `--request-timeout` x `--attempts` have passed (never hangs), and the
+/// rest of the mount keeps answering meanwhile.
+#[test]
+fn a_stalled_upload_fails_in_bounded_time_and_the_mount_keeps_answering() {
+    require_fuse();
+    let g = s3::garage();
+    let dir = tmp();
+    let key = dir.path().join("root.key");
+    let source = g.fresh_source("stall");
+    g.init(&source, &["--key", key.to_str().unwrap()]);
+    let p = proxy::start(g.endpoint.trim_start_matches("http://"));
+    let slow = s3::S3Server {
+        endpoint: p.endpoint.clone(),
+        ..g.clone()
+    };
+    let args = [
+        "--key",
+        key.to_str().unwrap(),
+        "--request-timeout",
+        "2",
+        "--attempts",
+        "2",
+    ];
+    let m = slow.mount(&source, dir.path(), &args);
+    fs::create_dir(m.p("healthy")).unwrap();
+    for i in 0..20 {
+        fs::write(m.p(&format!("healthy/f{i}")), format!("file {i}")).unwrap();
+    }
+    *p.faults.stall_match.lock() = "stuck".into();
+    p.faults
+        .stall_ms
+        .store(3_600_000, std::sync::atomic::Ordering::Relaxed);
+    let stuck = m.p("stuck");
+    let started = std::time::Instant::now();
+    let writer = std::thread::spawn(move || {
+        let mut f = fs::File::create(&stuck).unwrap();
+        std::io::Write::write_all(&mut f, &vec![1u8; 100_000]).unwrap();
+        let r = f.sync_all();
+        (r, started.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // While the upload hangs: listing and reading other files answer at once.
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let listed = sh(&format!("ls -l '{}'", m.p("healthy").display()));
+        assert_eq!(listed.lines().count(), 21);
+        assert_eq!(fs::read(m.p("healthy/f7")).unwrap(), b"file 7");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "ls and a read took {:?} while an upload hung",
+            t.elapsed()
+        );
+    }
+    let (r, took) = writer.join().unwrap();
+    let e = r.expect_err("an upload that never got an answer succeeded");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Two attempts of 2 s (each upload request), their backoff, and the parts' own.
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "the stalled upload took {took:?} to fail"
+    );
+    eprintln!(
+        "stalled upload failed with EIO after {took:?}; proxy: {}",
+        p.stats.line()
+    );
+    // The backend answers again: the same file is written and reads back.
+    p.faults
+        .stall_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    fs::write(m.p("stuck"), vec![2u8; 100_000]).unwrap();
+    assert_eq!(fs::read(m.p("stuck")).unwrap(), vec![2u8; 100_000]);
+    let log = m.unmount();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stuck") && l.contains("ERROR")),
+        "the log does not name the stalled file:\n{log}"
+    );
+}
+
 /// Total S3 requests of a mount so far, from the statistics it logs on SIGUSR1.
 fn requests_so_far(m: &Mount) -> u64 {
     let before = m.log_text().matches("stats:").count();

@@ -476,11 +476,18 @@ impl Filesystem for CofferFs {
                 let (cino, name, attr) = &entries[idx - 2];
                 let current = self.vfs.current_attr(*cino);
                 let attr = current.as_ref().unwrap_or(attr);
+                // An entry whose attributes failed to load is not cached: the kernel looks
+                // it up again, and that lookup reports the error.
+                let ttl = if self.vfs.attr_known(*cino) {
+                    TTL
+                } else {
+                    Duration::ZERO
+                };
                 let full = reply.add(
                     INodeNo(*cino),
                     (idx + 1) as u64,
                     name,
-                    &TTL,
+                    &ttl,
                     &file_attr(*cino, attr),
                     Generation(0),
                 );

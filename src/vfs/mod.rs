@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use tokio::sync::{Mutex as AsyncMutex, RwLock};
@@ -88,6 +88,9 @@ struct Inode {
     open: u32,
     /// Unlinked while open: its object key is deleted when the last handle closes.
     pending_delete: Option<String>,
+    /// Where the content of a file unlinked or replaced while open was moved (under
+    /// [`OPEN_DELETED_DIR`]), so that its name can be reused and its readers still read it.
+    moved_to: Option<String>,
     unlinked: bool,
     load_lock: Arc<AsyncMutex<()>>,
     /// When a directory was last listed (its entries are listed again after the metadata
@@ -112,6 +115,7 @@ impl Inode {
             meta_dirty: false,
             open: 0,
             pending_delete: None,
+            moved_to: None,
             unlinked: false,
             load_lock: Arc::new(AsyncMutex::new(())),
             listed_at: None,
@@ -261,6 +265,9 @@ pub struct Vfs {
     cfg: VfsConfig,
     table: Mutex<Table>,
     namespace: RwLock<()>,
+    /// Counts this mount's changes to names and objects (creates, commits, renames,
+    /// removals): a listing during which it moved may predate them, and is not merged.
+    changes: AtomicU64,
     /// Open file handles: inode, and the process that opened it (see [`Vfs::flush_from`]).
     handles: Mutex<HashMap<u64, (u64, Option<u32>)>>,
     /// Per-file order of writes, as the kernel sent them (see [`WriteTicket`]).
@@ -269,6 +276,12 @@ pub struct Vfs {
     next_fh: AtomicU64,
     pub stats: Stats,
 }
+
+/// The hidden root directory where files unlinked or replaced while open keep their content
+/// until their last close. A crash leaves them there; a mount deletes those older than
+/// [`OPEN_DELETED_MAX_AGE`] (another mount may still hold younger ones open).
+pub const OPEN_DELETED_DIR: &str = ".coffer-open-deleted";
+const OPEN_DELETED_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 fn check_name(name: &str) -> FsResult<()> {
     if name.len() > MAX_NAME {
@@ -313,6 +326,7 @@ impl Vfs {
                 next_ino: ROOT + 1,
             }),
             namespace: RwLock::new(()),
+            changes: AtomicU64::new(0),
             handles: Mutex::new(HashMap::new()),
             write_order: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
@@ -437,6 +451,7 @@ impl Vfs {
             i.children.is_some()
         };
         let prefix = self.dir_prefix(&path);
+        let changes_before = self.changes.load(Ordering::Acquire);
         let page = list_all(
             self.store.as_ref(),
             ListRequest {
@@ -450,8 +465,11 @@ impl Vfs {
         let d = self.cfg.defaults;
         let mut entries: BTreeMap<String, Inode> = BTreeMap::new();
         let mut own_marker = None;
-        let reserved =
-            |name: &str| dir == ROOT && self.cfg.reserved_root_name.as_deref() == Some(name);
+        let reserved = |name: &str| {
+            dir == ROOT
+                && (self.cfg.reserved_root_name.as_deref() == Some(name)
+                    || name == OPEN_DELETED_DIR)
+        };
         for p in &page.common_prefixes {
             let name = p[prefix.len()..].trim_end_matches('/');
             if reserved(name) {
@@ -518,6 +536,11 @@ impl Vfs {
             i.attr_loaded = true;
         }
         if refresh {
+            if self.changes.load(Ordering::Acquire) != changes_before {
+                // This mount changed names or objects while the listing ran: it may show
+                // states older than the table's. Listed again at the next look.
+                return Ok(());
+            }
             Self::merge_listing(&mut t, dir, entries)?;
         } else {
             t.get_mut(dir)?.children = Some(BTreeMap::new());
@@ -664,10 +687,14 @@ impl Vfs {
                 .collect()
         };
         let mut heads = futures::stream::iter(unloaded)
-            .map(|ino| async move { self.ensure_attr(ino).await })
+            .map(|ino| async move { (ino, self.ensure_attr(ino).await) })
             .buffer_unordered(32);
-        while let Some(r) = heads.next().await {
-            r?;
+        // One damaged entry must not make its whole directory unlistable: it is listed
+        // with what the listing said, and a stat or read of it gives the error.
+        while let Some((ino, r)) = heads.next().await {
+            if let Err(e) = r {
+                error!("{}: {e}", self.describe(ino));
+            }
         }
         let t = self.table.lock();
         let children = t.get(dir)?.children.clone().unwrap_or_default();
@@ -696,6 +723,16 @@ impl Vfs {
     /// An inode's attributes as they are now (readdirplus must not hand the kernel the
     /// attributes of its opendir snapshot: a setattr since then would be undone in the
     /// kernel's cache).
+    /// Whether an inode's attributes are known (not only guessed from a listing): the
+    /// kernel may cache only those.
+    pub fn attr_known(&self, ino: u64) -> bool {
+        self.table
+            .lock()
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.attr_loaded)
+    }
+
     pub fn current_attr(&self, ino: u64) -> Option<Attr> {
         self.table.lock().inodes.get(&ino).map(|i| i.attr.clone())
     }
@@ -719,6 +756,7 @@ impl Vfs {
     /// Also refuses a name whose object key would be too long for the store.
     fn reserve(&self, parent: u64, name: &str, inode: Inode) -> FsResult<(u64, String)> {
         self.check_not_reserved(parent, name)?;
+        self.changes.fetch_add(1, Ordering::AcqRel);
         let mut t = self.table.lock();
         if t.get(parent)?.unlinked {
             return Err(FsError::new(libc::ENOENT, "directory was removed"));
@@ -740,7 +778,9 @@ impl Vfs {
     }
 
     fn check_not_reserved(&self, parent: u64, name: &str) -> FsResult<()> {
-        if parent == ROOT && self.cfg.reserved_root_name.as_deref() == Some(name) {
+        if parent == ROOT
+            && (self.cfg.reserved_root_name.as_deref() == Some(name) || name == OPEN_DELETED_DIR)
+        {
             return Err(FsError::new(
                 libc::EPERM,
                 format!("{name} is reserved for the store's own data"),
@@ -758,6 +798,7 @@ impl Vfs {
     }
 
     fn touch_dir(&self, dir: u64) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
         if let Some(i) = self.table.lock().inodes.get_mut(&dir) {
             let now = SystemTime::now();
             i.attr.mtime = now;
@@ -889,6 +930,7 @@ impl Vfs {
             self.ensure_loaded(ino).await?;
         }
         let _ns = self.namespace.read().await;
+        self.changes.fetch_add(1, Ordering::AcqRel);
         let (key, file) = {
             let t = self.table.lock();
             let i = t.get(ino)?;
@@ -913,15 +955,16 @@ impl Vfs {
                 let mut fd = f.lock().await;
                 let open = self.table.lock().get(ino)?.open;
                 if open > 0 {
-                    // Still open: readers and writers keep it; the object goes at release.
+                    // Still open: readers and writers keep its content, moved aside so that
+                    // the name is free at once; the moved object goes at the last close.
                     if fd.is_dirty() && fd.exists {
                         fd.commit(&self.ctx(), &key, Metadata::new()).await?;
                     }
-                    let mut t = self.table.lock();
-                    let i = t.get_mut(ino)?;
-                    i.unlinked = true;
-                    i.pending_delete = fd.exists.then(|| key.clone());
-                    false
+                    if fd.exists {
+                        self.move_aside(ino, &key, &mut fd).await?;
+                    }
+                    self.table.lock().get_mut(ino)?.unlinked = true;
+                    fd.exists
                 } else {
                     fd.discard().await;
                     fd.exists
@@ -957,12 +1000,24 @@ impl Vfs {
 
     pub async fn open(&self, ino: u64, truncate: bool) -> FsResult<u64> {
         let file = {
+            // Not in the middle of a rename: one that replaces this file either saw it open
+            // (and moved its content aside) or detached it before (and this open is stale).
+            let _ns = self.namespace.read().await;
             let mut t = self.table.lock();
             let i = t.get_mut(ino)?;
             match i.attr.kind {
                 Kind::Dir => return Err(FsError::new(libc::EISDIR, "is a directory")),
                 Kind::Symlink => return Err(FsError::new(libc::ELOOP, "is a symlink")),
                 Kind::File => {}
+            }
+            // Looked up before a rename or unlink took its name and not open then: its
+            // content is gone from the store. ESTALE makes the kernel look the path up again
+            // and open what is there now, instead of reading a successor's bytes as its own.
+            if i.unlinked && i.moved_to.is_none() && i.open == 0 {
+                return Err(FsError::new(
+                    libc::ESTALE,
+                    "the file was replaced or removed since it was looked up",
+                ));
             }
             i.open += 1;
             i.file.clone()
@@ -986,7 +1041,10 @@ impl Vfs {
             .file
             .clone()
             .ok_or_else(|| FsError::new(libc::EISDIR, "not a regular file"))?;
-        let key = self.file_key(&t.path(ino).unwrap_or_default());
+        let key = match &i.moved_to {
+            Some(k) => k.clone(),
+            None => self.file_key(&t.path(ino).unwrap_or_default()),
+        };
         Ok((f, key, Self::metadata_of(i), i.unlinked))
     }
 
@@ -1098,8 +1156,10 @@ impl Vfs {
         if !fd.is_dirty() {
             return Ok(());
         }
+        self.changes.fetch_add(1, Ordering::AcqRel);
         match fd.commit(&self.ctx(), &key, meta.clone()).await {
             Ok(Some(info)) => {
+                self.changes.fetch_add(1, Ordering::AcqRel);
                 self.stats.files_committed.fetch_add(1, Ordering::Relaxed);
                 let stored = info.metadata.unwrap_or_default();
                 let mut t = self.table.lock();
@@ -1362,6 +1422,7 @@ impl Vfs {
         self.ensure_loaded(parent).await?;
         self.ensure_loaded(newparent).await?;
         let _ns = self.namespace.write().await;
+        self.changes.fetch_add(1, Ordering::AcqRel);
         let (ino, target) = {
             let t = self.table.lock();
             let ino = t
@@ -1432,6 +1493,9 @@ impl Vfs {
             let new_key = self.file_key(&new_path);
             self.check_key_len(&new_key)?;
             self.commit_locked(ino).await?;
+            if let Some(t_ino) = target {
+                self.move_aside_if_open(t_ino, &new_key).await?;
+            }
             let (meta, file) = {
                 let t = self.table.lock();
                 let i = t.get(ino)?;
@@ -1442,10 +1506,14 @@ impl Vfs {
                 None => true,
             };
             if exists {
-                self.copy_with_metadata(&old_key, &new_key, meta).await?;
+                let copied = self.copy_with_metadata(&old_key, &new_key, meta).await?;
                 self.store.delete(&old_key).await?;
                 if let Some(f) = &file {
                     f.lock().await.reset_committed();
+                }
+                // The copy is what listings show from now on: not a change by another client.
+                if let Ok(i) = self.table.lock().get_mut(ino) {
+                    i.etag = Some(copied.etag);
                 }
             }
             if let Some(t_ino) = target {
@@ -1476,6 +1544,71 @@ impl Vfs {
         Ok(())
     }
 
+    /// Before a file that is open is replaced by a rename: its content moves aside, so that
+    /// its readers keep reading it and not the file that takes its name.
+    async fn move_aside_if_open(&self, ino: u64, key: &str) -> FsResult<()> {
+        let Some(f) = ({
+            let t = self.table.lock();
+            let i = t.get(ino)?;
+            (i.open > 0 && i.moved_to.is_none())
+                .then(|| i.file.clone())
+                .flatten()
+        }) else {
+            return Ok(());
+        };
+        self.commit_locked(ino).await?;
+        let mut fd = f.lock().await;
+        if fd.exists {
+            self.move_aside(ino, key, &mut fd).await?;
+        }
+        Ok(())
+    }
+
+    /// Copies an open file's object under [`OPEN_DELETED_DIR`] and points the inode at it
+    /// (the caller then removes or overwrites `key`); the copy is deleted at the last close.
+    async fn move_aside(&self, ino: u64, key: &str, fd: &mut FileData) -> FsResult<()> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let aside = format!("{}{OPEN_DELETED_DIR}/{nanos}-{ino}", self.cfg.prefix);
+        let meta = Self::metadata_of(self.table.lock().get(ino)?);
+        self.copy_with_metadata(key, &aside, meta)
+            .await
+            .inspect_err(|e| error!("{key}: moving the open file aside failed: {e}"))?;
+        fd.reset_committed();
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino)?;
+        i.moved_to = Some(aside.clone());
+        i.pending_delete = Some(aside);
+        Ok(())
+    }
+
+    /// Deletes what crashed mounts left under [`OPEN_DELETED_DIR`] (older than a day: a
+    /// younger one may be open in another mount). Returns how many went.
+    pub async fn clean_open_deleted(&self) -> FsResult<usize> {
+        let prefix = format!("{}{OPEN_DELETED_DIR}/", self.cfg.prefix);
+        let page = list_all(
+            self.store.as_ref(),
+            ListRequest {
+                prefix: prefix.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut n = 0;
+        for o in page.objects {
+            let age = SystemTime::now()
+                .duration_since(o.mtime)
+                .unwrap_or_default();
+            if age > OPEN_DELETED_MAX_AGE {
+                self.store.delete(&o.key).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Takes a replaced inode out of the namespace (its object was overwritten or removed).
     fn detach(&self, parent: u64, name: &str, ino: u64) {
         let mut t = self.table.lock();
@@ -1484,7 +1617,9 @@ impl Vfs {
         }
         if let Some(i) = t.inodes.get_mut(&ino) {
             i.unlinked = true;
-            i.pending_delete = None;
+            if i.moved_to.is_none() {
+                i.pending_delete = None;
+            }
             if i.lookups == 0 && i.open == 0 {
                 t.inodes.remove(&ino);
             }

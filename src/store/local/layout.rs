@@ -60,13 +60,34 @@ pub fn unescape_component(name: &str) -> Option<String> {
     }
 }
 
-/// The real key component of the directory entry `name` inside `dir`.
+/// The longest real name a `%n` file may hold: keys are at most 1,024 bytes.
+const MAX_NAME_FILE: u64 = 1024;
+
+/// The real key component of the directory entry `name` inside `dir`. A `%n` file that is
+/// missing, too long, not UTF-8 or holds a `/` (planted or damaged by something other than
+/// coffer) is an `InvalidData` error: callers skip that entry, not the whole listing.
 pub fn component_of(dir: &Path, name: &str) -> io::Result<Option<String>> {
     if is_hashed(name) {
-        let real = fs::read_to_string(dir.join(name).join(NAME_FILE))?;
+        let path = dir.join(name).join(NAME_FILE);
+        let f = fs::File::open(&path)?;
+        let mut real = String::new();
+        io::Read::read_to_string(&mut io::Read::take(f, MAX_NAME_FILE + 1), &mut real)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if real.len() as u64 > MAX_NAME_FILE || real.contains('/') || real.contains('\0') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a key component", path.display()),
+            ));
+        }
         return Ok(Some(real));
     }
     Ok(unescape_component(name))
+}
+
+/// Whether a directory entry is a real directory (not a symlink, which could lead out of
+/// the replica: a store never creates one, so one found there was planted).
+pub fn is_real_dir(entry: &fs::DirEntry) -> io::Result<bool> {
+    Ok(entry.file_type()?.is_dir())
 }
 
 /// The directory of a key (below a replica's `objects/` directory), and the components that
@@ -112,17 +133,33 @@ pub fn create_key_dirs(objects: &Path, key: &str) -> io::Result<PathBuf> {
                 }
                 super::durable::sync_dir(&parent)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => refuse_non_dir(&p)?,
             Err(e) => return Err(e),
         }
     }
     let versions = p.join(VERSIONS_DIR);
     match fs::create_dir(&versions) {
         Ok(()) => super::durable::sync_dir(&p)?,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => refuse_non_dir(&versions)?,
         Err(e) => return Err(e),
     }
     Ok(versions)
+}
+
+/// An existing path a write would go through must be a directory of the store's own: a
+/// planted symlink would send the write outside the replica.
+fn refuse_non_dir(p: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(p)?.is_dir() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a directory of the store (a symlink or file planted there?)",
+                p.display()
+            ),
+        ))
+    }
 }
 
 #[cfg(test)]

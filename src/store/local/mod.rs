@@ -820,9 +820,8 @@ impl Inner {
             for entry in entries {
                 let entry = entry.map_err(|e| StoreError::io(prefix, "listing", e))?;
                 let name = entry.file_name();
-                let Some(name) = name.to_str() else { continue };
-                let Some(comp) = layout::component_of(&dir, name)
-                    .map_err(|e| StoreError::io(prefix, "reading a long name", e))?
+                let Some(comp) = listable_component(&dir, &entry, &name)
+                    .map_err(|e| StoreError::io(prefix, "listing", e))?
                 else {
                     continue;
                 };
@@ -949,6 +948,50 @@ fn subtree_has_live(dir: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
+/// The key component of a replica directory entry, or `None` for entries no key maps to:
+/// the store's own files, and what something else planted there (names that are not UTF-8,
+/// symlinks, plain files, damaged long-name files), which is skipped with a warning rather
+/// than followed or allowed to fail the whole listing.
+fn listable_component(
+    dir: &Path,
+    entry: &fs::DirEntry,
+    name: &std::ffi::OsStr,
+) -> io::Result<Option<String>> {
+    let Some(name) = name.to_str() else {
+        warn!(
+            "{}: skipping an entry whose name is not UTF-8",
+            entry.path().display()
+        );
+        return Ok(None);
+    };
+    if name == layout::VERSIONS_DIR || name == layout::NAME_FILE {
+        return Ok(None);
+    }
+    if !layout::is_real_dir(entry)? {
+        warn!(
+            "{}: skipping an entry that is not a directory of the store",
+            entry.path().display()
+        );
+        return Ok(None);
+    }
+    match layout::component_of(dir, name) {
+        Ok(c) => Ok(c),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData | io::ErrorKind::NotFound
+            ) =>
+        {
+            warn!(
+                "{}: skipping a damaged long name: {e}",
+                entry.path().display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Walks a replica's directory tree below `dir` (whose key prefix is `base`), calling `f`
 /// with each key that has versions and its newest version. `partial` filters the first level.
 fn walk(
@@ -965,14 +1008,10 @@ fn walk(
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(comp) = layout::component_of(dir, name)? else {
+        let Some(comp) = listable_component(dir, &entry, &name)? else {
             continue;
         };
         if partial.is_some_and(|p| !comp.starts_with(p)) {
-            continue;
-        }
-        if !entry.file_type()?.is_dir() {
             continue;
         }
         let key = format!("{base}{comp}");
@@ -1165,10 +1204,22 @@ impl ObjectStore for LocalStore {
             for key in page.objects {
                 match inner.head_latest(&key, None) {
                     Ok(info) => objects.push(info),
-                    // Deleted or damaged since the names were read: leave it out of the
-                    // listing; a get names the damage.
+                    // Deleted since the names were read: leave it out.
                     Err(StoreError::NotFound { .. }) => {}
-                    Err(e) => warn!("listing: {e}"),
+                    // Damaged: list it without metadata, so that the damage shows (a stat
+                    // or read of it fails, naming the cause) instead of the file silently
+                    // vanishing from backups made through the mount.
+                    Err(e) => {
+                        warn!("listing: {e}");
+                        objects.push(ObjectInfo {
+                            key,
+                            size: 0,
+                            mtime: UNIX_EPOCH,
+                            etag: String::new(),
+                            version_id: None,
+                            metadata: None,
+                        });
+                    }
                 }
             }
             Ok(ListPage {
