@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
+use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce};
 use coffer::crypt::content::{ContentCipher, DataKey};
 
@@ -41,7 +41,7 @@ fn main() {
                 let mut n = [0u8; 12];
                 n[..8].copy_from_slice(&(i as u64).to_be_bytes());
                 let _ = raw
-                    .encrypt_in_place_detached(Nonce::from_slice(&n), b"", c)
+                    .encrypt_inout_detached(&Nonce::from(n), b"", c.into())
                     .unwrap();
             }
         });

@@ -200,6 +200,19 @@ pub fn run(
     let mut config = Config::default();
     config.mount_options = options;
     config.acl = parsed.acl;
+    // The signal handlers go in before the mount appears: a SIGUSR1 or SIGTERM sent as soon
+    // as the mount point answers would otherwise find the default action (exit) in place.
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _runtime = rt.enter();
+        let make = |kind| signal(kind).context("installing a signal handler");
+        (
+            make(SignalKind::terminate())?,
+            make(SignalKind::interrupt())?,
+            make(SignalKind::user_defined1())?,
+            make(SignalKind::hangup())?,
+        )
+    };
     let session = fuser::Session::new(fs, &opts.mountpoint, &config)
         .with_context(|| format!("mounting at {}", opts.mountpoint.display()))?;
     let bg = session.spawn()?;
@@ -287,11 +300,7 @@ pub fn run(
     // SIGUSR1 writes the statistics to the log.
     let stats_vfs = vfs.clone();
     rt.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("signal handler");
-        let mut int = signal(SignalKind::interrupt()).expect("signal handler");
-        let mut usr1 = signal(SignalKind::user_defined1()).expect("signal handler");
-        let mut hup = signal(SignalKind::hangup()).expect("signal handler");
+        let (mut term, mut int, mut usr1, mut hup) = signals;
         let why = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",

@@ -100,8 +100,11 @@ async fn rotation_rewraps_10000_objects_without_moving_bodies() {
     assert_eq!(before, after, "object bodies were rewritten");
     let bodies = (OBJECTS * BODY) as u64;
     eprintln!("rotation wrote {written} bytes to disk for {bodies} bytes of bodies");
+    // Each rewrap writes its record twice (journal and layout) and dirties a few
+    // directory, inode and journal blocks: about 24 KiB of disk writes per object, a third
+    // of a body here. Rewriting the bodies would write all of them at least once more.
     assert!(
-        written < bodies / 4,
+        written < bodies / 2,
         "rotation wrote {written} bytes for {bodies} bytes of bodies"
     );
 

@@ -1,6 +1,7 @@
 //! The data path between the vfs and the store: decrypted chunk cache, ranged chunk reads,
 //! streaming uploads and the encrypted staging of random writes.
 
+pub mod buffers;
 pub mod chunk_cache;
 pub mod memory;
 pub mod reader;

@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
+use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
 use zeroize::Zeroizing;
 
@@ -93,10 +93,10 @@ impl StagingFile {
         buf.extend_from_slice(data);
         let tag = key
             .0
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
                 &self.aad(index),
-                &mut buf[LEN + NONCE..],
+                (&mut buf[LEN + NONCE..]).into(),
             )
             .expect("chunk sizes are far below the AEAD limit");
         buf.extend_from_slice(&tag);
@@ -116,13 +116,13 @@ impl StagingFile {
         let mut buf = vec![0u8; len + TAG];
         self.file
             .read_exact_at(&mut buf, off + (LEN + NONCE) as u64)?;
-        let tag = Tag::clone_from_slice(&buf[len..]);
+        let tag = Tag::try_from(&buf[len..]).expect("a 16-byte tag");
         buf.truncate(len);
         key.0
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&head[LEN..]),
+            .decrypt_inout_detached(
+                &Nonce::try_from(&head[LEN..]).expect("a 12-byte nonce"),
                 &self.aad(index),
-                &mut buf,
+                (&mut buf[..]).into(),
                 &tag,
             )
             .map_err(|_| io::Error::other("staged chunk failed authentication"))?;

@@ -10,14 +10,24 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::buffers::{BufferPool, PART_BUFFERS_KEPT};
 use super::memory::{MemoryBudget, Reservation};
 use crate::crypt::ObjectCipher;
 use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits, StoreResult};
 
 /// Sealed parts that may wait for the store while the writer seals the next one.
-pub const PARTS_IN_FLIGHT: usize = 2;
+pub const PARTS_IN_FLIGHT: usize = 1;
 /// Plaintext per part before growth.
 pub const BASE_PART: u64 = 8 << 20;
+/// Capacity of the pooled part buffers: a base part and one more FUSE write.
+const PART_BUFFER_BYTES: usize = BASE_PART as usize + (1 << 20);
+/// Part buffers given back after sealing, for the next part of any file.
+static PART_BUFFERS: BufferPool = BufferPool::new(PART_BUFFER_BYTES, PART_BUFFERS_KEPT);
+/// Sealed parts' buffers, given back once the store has a part.
+static SEALED_BUFFERS: BufferPool =
+    BufferPool::new(BASE_PART as usize + (64 << 10), PART_BUFFERS_KEPT);
+/// Plaintext sealed on the writer's own thread rather than the blocking pool.
+const INLINE_SEAL_BYTES: usize = 64 << 10;
 /// Parts of each size before the size doubles (so 10,000 parts reach far beyond 1 TiB).
 const PARTS_PER_STEP: u64 = 1000;
 
@@ -103,9 +113,14 @@ impl StreamingWriter {
                         return Err(sealing_failed(&key, e));
                     }
                 };
+                let ours = part.clone();
                 if let Err(e) = upload.put_part(part).await {
                     let _ = upload.abort().await;
                     return Err(e);
+                }
+                // The store is done with the part: its buffer seals the next one.
+                if let Ok(buf) = ours.try_into_mut() {
+                    SEALED_BUFFERS.give(buf.into());
                 }
             }
             upload.complete().await
@@ -134,13 +149,20 @@ impl StreamingWriter {
             // writers never wait on each other's partial reservations.
             self.held = b.reserve(2 * (self.part_size() + (1 << 20))).await;
         }
+        let wanted = self.pending.len() + data.len();
+        if wanted > self.pending.capacity() && wanted > 1 << 20 {
+            // Past the first MiB the file is large: gather the part in a whole part buffer
+            // rather than growing one by doubling (each doubling copies the part again and
+            // faults in fresh pages).
+            let mut part = self.part_buffer();
+            part.extend_from_slice(&self.pending);
+            self.pending = part;
+        }
         self.pending.extend_from_slice(data);
         self.written += data.len() as u64;
         while self.pending.len() > self.part_size() {
-            // The next part's buffer is allocated whole once: growing it by doubling would
-            // copy each part about twice more and fault in fresh pages each time.
             let size = self.part_size();
-            let mut rest = Vec::with_capacity(size + (1 << 20));
+            let mut rest = self.part_buffer();
             rest.extend_from_slice(&self.pending[size..]);
             self.pending.truncate(size);
             let part = std::mem::replace(&mut self.pending, rest);
@@ -149,7 +171,22 @@ impl StreamingWriter {
         Ok(())
     }
 
+    /// An empty buffer for a whole part and one more write, reused where possible.
+    fn part_buffer(&self) -> Vec<u8> {
+        let room = self.part_size() + (1 << 20);
+        if room <= PART_BUFFER_BYTES {
+            PART_BUFFERS.take()
+        } else {
+            Vec::with_capacity(room)
+        }
+    }
+
     async fn seal(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<Vec<u8>> {
+        if plaintext.len() <= INLINE_SEAL_BYTES {
+            // A small file's only chunk seals in microseconds: handing it to another
+            // thread would cost more than sealing it here.
+            return Ok(self.seal_job(plaintext, ends_file)());
+        }
         self.start_seal(plaintext, ends_file)
             .await
             .map_err(|e| sealing_failed(&self.key, e))
@@ -158,6 +195,16 @@ impl StreamingWriter {
     /// Starts sealing the next part on the blocking pool and returns at once, so the writer
     /// takes the next writes while the part is sealed (the uploader waits for it in order).
     fn start_seal(&mut self, plaintext: Vec<u8>, ends_file: bool) -> JoinHandle<Vec<u8>> {
+        tokio::task::spawn_blocking(self.seal_job(plaintext, ends_file))
+    }
+
+    /// Takes the next part's place in the object (its chunk indices, the header if it is
+    /// the first) and returns the work of sealing it.
+    fn seal_job(
+        &mut self,
+        plaintext: Vec<u8>,
+        ends_file: bool,
+    ) -> impl FnOnce() -> Vec<u8> + Send + 'static {
         let cipher = self.cipher.clone();
         let first = self.next_chunk;
         let chunk = cipher.geometry().chunk;
@@ -165,17 +212,19 @@ impl StreamingWriter {
         let with_header = !self.header_sent;
         self.header_sent = true;
         self.parts_sent += 1;
-        tokio::task::spawn_blocking(move || {
-            let body = cipher.seal(first, &plaintext, ends_file);
-            if with_header {
-                let mut out = Vec::with_capacity(cipher.header().len() + body.len());
-                out.extend_from_slice(cipher.header());
-                out.extend_from_slice(&body);
-                out
+        move || {
+            let mut out = if plaintext.len() <= BASE_PART as usize {
+                SEALED_BUFFERS.take()
             } else {
-                body
+                Vec::new()
+            };
+            if with_header {
+                out.extend_from_slice(cipher.header());
             }
-        })
+            cipher.seal_into(first, &plaintext, ends_file, &mut out);
+            PART_BUFFERS.give(plaintext);
+            out
+        }
     }
 
     async fn send(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<()> {

@@ -4,7 +4,8 @@
 
 use std::fmt;
 
-use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
+use aes_gcm_siv::aead::inout::InOutBuf;
+use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
 use hkdf::Hkdf;
 use rayon::prelude::*;
@@ -71,7 +72,7 @@ fn nonce(index: u64, last: bool) -> Nonce {
     let mut n = [0u8; 12];
     n[..8].copy_from_slice(&index.to_be_bytes());
     n[11] = last as u8;
-    *Nonce::from_slice(&n)
+    Nonce::from(n)
 }
 
 /// The cipher of one object: seals and opens its chunks.
@@ -130,7 +131,11 @@ impl ContentCipher {
         out.extend_from_slice(plaintext);
         let tag = self
             .aead
-            .encrypt_in_place_detached(&nonce(index, last), &self.header, &mut out[start..])
+            .encrypt_inout_detached(
+                &nonce(index, last),
+                &self.header,
+                (&mut out[start..]).into(),
+            )
             .expect("chunk sizes are far below the AEAD limit");
         out.extend_from_slice(&tag);
     }
@@ -139,6 +144,19 @@ impl ContentCipher {
     /// cores. `plaintext` holds whole chunks, except that the last one may be short when
     /// `ends_file` is set; the final chunk gets the last flag only when `ends_file` is set.
     pub fn seal_chunks(&self, first_index: u64, plaintext: &[u8], ends_file: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.seal_chunks_into(first_index, plaintext, ends_file, &mut out);
+        out
+    }
+
+    /// [`Self::seal_chunks`], appending to `out` (a buffer kept for reuse).
+    pub fn seal_chunks_into(
+        &self,
+        first_index: u64,
+        plaintext: &[u8],
+        ends_file: bool,
+        out: &mut Vec<u8>,
+    ) {
         let c = self.geometry.chunk as usize;
         let pieces: Vec<&[u8]> = if plaintext.is_empty() {
             vec![&[][..]]
@@ -146,34 +164,42 @@ impl ContentCipher {
             plaintext.chunks(c).collect()
         };
         let n = pieces.len();
-        let mut out = vec![0u8; plaintext.len() + n * TAG_LEN];
+        let start = out.len();
+        out.resize(start + plaintext.len() + n * TAG_LEN, 0);
         // Every output slot has a known size, so the chunks seal in place in parallel.
         let mut slots: Vec<&mut [u8]> = Vec::with_capacity(n);
-        let mut rest = &mut out[..];
+        let mut rest = &mut out[start..];
         for p in &pieces {
             let (slot, tail) = rest.split_at_mut(p.len() + TAG_LEN);
             slots.push(slot);
             rest = tail;
         }
-        slots
-            .into_par_iter()
-            .zip(pieces.par_iter())
-            .enumerate()
-            .for_each(|(i, (slot, p))| {
-                let last = ends_file && i == n - 1;
-                let (body, tag_slot) = slot.split_at_mut(p.len());
-                body.copy_from_slice(p);
-                let tag = self
-                    .aead
-                    .encrypt_in_place_detached(
-                        &nonce(first_index + i as u64, last),
-                        &self.header,
-                        body,
-                    )
-                    .expect("chunk sizes are far below the AEAD limit");
-                tag_slot.copy_from_slice(&tag);
-            });
-        out
+        let seal = |(i, (slot, p)): (usize, (&mut [u8], &&[u8]))| {
+            let last = ends_file && i == n - 1;
+            let (body, tag_slot) = slot.split_at_mut(p.len());
+            // Sealed from the plaintext straight into its slot: no copy first.
+            let inout = InOutBuf::new(p, body).expect("slot and chunk have one length");
+            let tag = self
+                .aead
+                .encrypt_inout_detached(&nonce(first_index + i as u64, last), &self.header, inout)
+                .expect("chunk sizes are far below the AEAD limit");
+            tag_slot.copy_from_slice(&tag);
+        };
+        if n == 1 {
+            // One chunk (a small file): handing it to the thread pool and waiting for it
+            // would cost more than sealing it.
+            slots
+                .into_iter()
+                .zip(pieces.iter())
+                .enumerate()
+                .for_each(seal);
+        } else {
+            slots
+                .into_par_iter()
+                .zip(pieces.par_iter())
+                .enumerate()
+                .for_each(seal);
+        }
     }
 
     /// Opens one stored chunk (`ciphertext || tag`) in place, returning the plaintext length.
@@ -188,10 +214,10 @@ impl ContentCipher {
             return Err(CryptError::ChunkAuth(index));
         }
         let (body, tag) = stored.split_at_mut(stored.len() - TAG_LEN);
-        let tag = Tag::clone_from_slice(tag);
+        let tag = Tag::try_from(&*tag).expect("a 16-byte tag");
         match self
             .aead
-            .decrypt_in_place_detached(&nonce(index, last), &self.header, body, &tag)
+            .decrypt_inout_detached(&nonce(index, last), &self.header, body.into(), &tag)
         {
             Ok(()) => Ok(body.len()),
             Err(_) => {
@@ -225,15 +251,17 @@ impl ContentCipher {
                 Some((i, piece))
             })
             .collect();
-        pieces
-            .into_par_iter()
-            .map(|(i, piece)| {
-                let mut buf = piece.to_vec();
-                let n = self.open_chunk_in_place(i, i == last_index, &mut buf)?;
-                buf.truncate(n);
-                Ok(buf)
-            })
-            .collect()
+        let open = |(i, piece): (u64, &[u8])| {
+            let mut buf = piece.to_vec();
+            let n = self.open_chunk_in_place(i, i == last_index, &mut buf)?;
+            buf.truncate(n);
+            Ok(buf)
+        };
+        if pieces.len() == 1 {
+            pieces.into_iter().map(open).collect()
+        } else {
+            pieces.into_par_iter().map(open).collect()
+        }
     }
 }
 

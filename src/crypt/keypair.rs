@@ -220,7 +220,7 @@ impl KeyProvider for KeyPair {
         // tolerate a repeat anyway).
         let ct = wrap_cipher(&shared, &eph_public, &self.public)
             .encrypt(
-                Nonce::from_slice(&[0u8; 12]),
+                &Nonce::from([0u8; 12]),
                 Payload {
                     msg: dk.bytes(),
                     aad: &aad,
@@ -263,7 +263,7 @@ impl KeyProvider for KeyPair {
         let pt = Zeroizing::new(
             wrap_cipher(&shared, &eph, &self.public)
                 .decrypt(
-                    Nonce::from_slice(&[0u8; 12]),
+                    &Nonce::from([0u8; 12]),
                     Payload {
                         msg: &env.wrapped[32..],
                         aad: &aad,

@@ -191,7 +191,7 @@ impl KeyProvider for KeyRing {
         let ct = root
             .cipher()
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: dk.bytes(),
                     aad: &aad,
@@ -229,7 +229,7 @@ impl KeyProvider for KeyRing {
         let pt = Zeroizing::new(
             root.cipher()
                 .decrypt(
-                    Nonce::from_slice(&env.wrapped[..12]),
+                    &Nonce::try_from(&env.wrapped[..12]).expect("a 12-byte nonce"),
                     Payload {
                         msg: &env.wrapped[12..],
                         aad: &aad,

@@ -165,6 +165,20 @@ impl ObjectCipher {
         }
     }
 
+    /// [`Self::seal`], appending to `out`.
+    pub fn seal_into(
+        &self,
+        first_index: u64,
+        plaintext: &[u8],
+        ends_file: bool,
+        out: &mut Vec<u8>,
+    ) {
+        match &self.cipher {
+            Some(c) => c.seal_chunks_into(first_index, plaintext, ends_file, out),
+            None => out.extend_from_slice(plaintext),
+        }
+    }
+
     /// Opens the stored bytes of `chunks` of a file of `plain_size` bytes, one buffer per
     /// chunk.
     pub fn open(

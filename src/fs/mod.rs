@@ -16,6 +16,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::debug;
 
+use crate::cache::buffers::WRITE_BUFFERS;
 use crate::error::FsError;
 use crate::vfs::{Attr, Kind, SetAttr, Vfs};
 
@@ -40,6 +41,31 @@ impl CofferFs {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(f(self.vfs.clone()));
+    }
+
+    /// Runs a vfs call on this thread when `ready` says everything it needs is in memory,
+    /// else on the runtime. A request answered here costs two thread switches instead of
+    /// three: a third of the latency of a cheap request. Only for calls that change nothing
+    /// before their first wait, since one that would wait after all (the cache expired in
+    /// between) is dropped here and started again on the runtime.
+    fn now_or_spawn<T, F>(
+        &self,
+        ready: bool,
+        call: impl Fn(Arc<Vfs>) -> F + Send + 'static,
+        done: impl FnOnce(T) + Send + 'static,
+    ) where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        use futures::FutureExt;
+        if ready {
+            let _runtime = self.rt.enter();
+            if let Some(out) = call(self.vfs.clone()).now_or_never() {
+                return done(out);
+            }
+        }
+        let vfs = self.vfs.clone();
+        self.rt.spawn(async move { done(call(vfs).await) });
     }
 }
 
@@ -131,7 +157,14 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(|vfs| async move { reply_entry(reply, vfs.lookup(parent.0, &name).await) });
+        self.now_or_spawn(
+            self.vfs.lookup_ready(parent.0, &name),
+            move |vfs| {
+                let name = name.clone();
+                async move { vfs.lookup(parent.0, &name).await }
+            },
+            |r| reply_entry(reply, r),
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -139,12 +172,14 @@ impl Filesystem for CofferFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn(|vfs| async move {
-            match vfs.getattr(ino.0).await {
+        self.now_or_spawn(
+            self.vfs.attr_ready(ino.0),
+            move |vfs| async move { vfs.getattr(ino.0).await },
+            move |r| match r {
                 Ok(a) => reply.attr(&TTL, &file_attr(ino.0, &a)),
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 
     fn setattr(
@@ -346,11 +381,13 @@ impl Filesystem for CofferFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let data = data.to_vec();
+        let data = WRITE_BUFFERS.copy_of(data);
         // The ticket is taken here, in arrival order, before the task may be reordered.
         let ticket = self.vfs.write_ticket(ino.0);
         self.spawn(|vfs| async move {
-            match vfs.write_in_order(ino.0, offset, &data, ticket).await {
+            let result = vfs.write_in_order(ino.0, offset, &data, ticket).await;
+            WRITE_BUFFERS.give(data);
+            match result {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -570,14 +607,20 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
-        self.spawn(|vfs| async move {
-            match vfs.getxattr(ino.0, &name).await {
+        // The kernel asks for security.capability before every write.
+        self.now_or_spawn(
+            self.vfs.attr_ready(ino.0),
+            move |vfs| {
+                let name = name.clone();
+                async move { vfs.getxattr(ino.0, &name).await }
+            },
+            move |r| match r {
                 Ok(v) if size == 0 => reply.size(v.len() as u32),
                 Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
                 Ok(v) => reply.data(&v),
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -648,11 +691,17 @@ impl Filesystem for CofferFs {
             return reply.error(Errno::EPERM);
         }
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
-        self.spawn(|vfs| async move {
-            match vfs
-                .create(parent.0, &name, mode & !umask & 0o7777, uid, gid)
-                .await
-            {
+        let vfs = self.vfs.clone();
+        self.now_or_spawn(
+            self.vfs.dir_ready(parent.0),
+            move |vfs| {
+                let name = name.clone();
+                async move {
+                    vfs.create(parent.0, &name, mode & !umask & 0o7777, uid, gid)
+                        .await
+                }
+            },
+            move |r| match r {
                 Ok((e, fh)) => {
                     vfs.set_handle_owner(fh, pid);
                     reply.created(
@@ -664,7 +713,7 @@ impl Filesystem for CofferFs {
                     )
                 }
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 }

@@ -180,7 +180,7 @@ impl KeyStore {
                 let plain = Zeroizing::new(
                     master
                         .decrypt(
-                            Nonce::from_slice(&b[..12]),
+                            &Nonce::try_from(&b[..12]).expect("a 12-byte nonce"),
                             Payload {
                                 msg: &b[12..],
                                 aad: STORE_AAD,
@@ -208,7 +208,7 @@ impl KeyStore {
         let ct = self
             .master
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: &plain,
                     aad: STORE_AAD,
@@ -316,7 +316,7 @@ impl KeyStore {
         let ct = k.versions[version as usize - 1]
             .cipher()?
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: dk,
                     aad: &wrap_aad(name, version, context),
@@ -347,7 +347,7 @@ impl KeyStore {
         let pt = kv
             .cipher()?
             .decrypt(
-                Nonce::from_slice(&blob[4..16]),
+                &Nonce::try_from(&blob[4..16]).expect("a 12-byte nonce"),
                 Payload {
                     msg: &blob[16..],
                     aad: &wrap_aad(name, version, context),

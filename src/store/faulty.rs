@@ -198,6 +198,10 @@ impl ObjectStore for FaultyStore {
         self.inner.space().await
     }
 
+    async fn flush(&self) -> StoreResult<()> {
+        self.inner.flush().await
+    }
+
     async fn list_versions(&self, prefix: &str) -> StoreResult<Vec<VersionInfo>> {
         self.before(prefix).await?;
         self.inner.list_versions(prefix).await

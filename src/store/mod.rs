@@ -276,6 +276,13 @@ pub trait ObjectStore: Send + Sync + 'static {
         None
     }
 
+    /// Makes every acknowledged write durable in its final place and finishes deferred
+    /// work (the local store checkpoints its journal); called at unmount. Acknowledged
+    /// writes are durable without it: this only saves the next open a replay.
+    async fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Makes `version_id` the latest version of `key` again (a copy of that version onto the
     /// key, as on S3), keeping every other version.
     async fn restore_version(

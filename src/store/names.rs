@@ -388,6 +388,10 @@ impl ObjectStore for NameCipherStore {
         self.inner.space().await
     }
 
+    async fn flush(&self) -> StoreResult<()> {
+        self.inner.flush().await
+    }
+
     async fn restore_version(
         &self,
         key: &str,

@@ -96,6 +96,10 @@ impl ObjectStore for RequireEncryption {
     async fn space(&self) -> Option<(u64, u64)> {
         self.inner.space().await
     }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.inner.flush().await
+    }
 }
 
 #[cfg(test)]

@@ -161,6 +161,10 @@ impl ObjectStore for SseKeyHistory {
     async fn space(&self) -> Option<(u64, u64)> {
         self.inner.space().await
     }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.inner.flush().await
+    }
 }
 
 #[cfg(test)]

@@ -117,9 +117,39 @@ pub fn prefix_dir(objects: &Path, prefix: &str) -> (PathBuf, String, String) {
     }
 }
 
-/// Creates the directories of a key, writing `%n` files for hashed components and fsyncing
-/// each new directory's parent so that the new entries are durable.
+/// How new directories (and `%n` files) of a key are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirSync {
+    /// fsync each new entry into its parent before returning.
+    Now,
+    /// No fsync: a journal entry covers the write until the next checkpoint's syncfs.
+    Later,
+    /// Replaying a journal after a crash: no fsync, and `%n` files of existing hashed
+    /// components are checked and rewritten (a power cut may have left them empty).
+    Replay,
+}
+
+/// Creates the directories of a key, writing `%n` files for hashed components and, with
+/// [`DirSync::Now`], fsyncing each new directory's parent so that the new entries are
+/// durable.
 pub fn create_key_dirs(objects: &Path, key: &str) -> io::Result<PathBuf> {
+    create_key_dirs_with(objects, key, DirSync::Now)
+}
+
+/// [`create_key_dirs`] with a choice of durability. A directory removed by a concurrent
+/// prune of an emptied neighbour between two steps is created again.
+pub fn create_key_dirs_with(objects: &Path, key: &str, sync: DirSync) -> io::Result<PathBuf> {
+    let mut attempt = 0;
+    loop {
+        match try_create_key_dirs(objects, key, sync) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 8 => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
+fn try_create_key_dirs(objects: &Path, key: &str, sync: DirSync) -> io::Result<PathBuf> {
+    let durable = sync == DirSync::Now;
     let mut p = objects.to_path_buf();
     for c in key.split('/') {
         let name = escape_component(c);
@@ -128,22 +158,42 @@ pub fn create_key_dirs(objects: &Path, key: &str) -> io::Result<PathBuf> {
         match fs::create_dir(&p) {
             Ok(()) => {
                 if is_hashed(&name) {
-                    super::durable::write_file_synced(&p.join(NAME_FILE), c.as_bytes())?;
-                    super::durable::sync_dir(&p)?;
+                    write_name_file(&p, c, durable)?;
                 }
-                super::durable::sync_dir(&parent)?;
+                if durable {
+                    super::durable::sync_dir(&parent)?;
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => refuse_non_dir(&p)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                refuse_non_dir(&p)?;
+                if sync == DirSync::Replay
+                    && is_hashed(&name)
+                    && fs::read(p.join(NAME_FILE)).ok().as_deref() != Some(c.as_bytes())
+                {
+                    let _ = super::durable::remove_file_if_exists(&p.join(NAME_FILE));
+                    write_name_file(&p, c, false)?;
+                }
+            }
             Err(e) => return Err(e),
         }
     }
     let versions = p.join(VERSIONS_DIR);
     match fs::create_dir(&versions) {
-        Ok(()) => super::durable::sync_dir(&p)?,
+        Ok(()) if durable => super::durable::sync_dir(&p)?,
+        Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => refuse_non_dir(&versions)?,
         Err(e) => return Err(e),
     }
     Ok(versions)
+}
+
+fn write_name_file(dir: &Path, component: &str, durable: bool) -> io::Result<()> {
+    if durable {
+        super::durable::write_file_synced(&dir.join(NAME_FILE), component.as_bytes())?;
+        super::durable::sync_dir(dir)
+    } else {
+        fs::write(dir.join(NAME_FILE), component.as_bytes())
+    }
 }
 
 /// An existing path a write would go through must be a directory of the store's own: a

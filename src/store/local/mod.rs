@@ -10,7 +10,9 @@
 //! everywhere. Reads take the newest version any replica has, verify every block they
 //! return, and repair replicas that lack the version or fail verification from a good one.
 
+pub mod direct;
 pub mod durable;
+pub mod journal;
 pub mod layout;
 pub mod record;
 pub mod replica;
@@ -37,6 +39,8 @@ use super::{
     PutOptions, Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo, clamp_range,
     metadata_size,
 };
+use journal::{EntryData, EntryRef, Journal};
+use layout::DirSync;
 use record::{BLOCK_SIZE, DataChecksummer, MetaRecord};
 use replica::{DATA_SUFFIX, DELETE_SUFFIX, META_SUFFIX, Replica, ReplicaError, VersionName};
 
@@ -77,6 +81,24 @@ struct Inner {
     replica_faults: Mutex<BTreeMap<usize, FaultKind>>,
     sse_store_key: Option<super::SseCustomerKey>,
     require_encryption: bool,
+    /// Group commit of small writes (see [`journal`]).
+    journal: Journal,
+    /// Striped locks, by replica and key, between a write's layout files and a
+    /// checkpoint's removal of that key's superseded versions and emptied directories.
+    key_locks: Vec<Mutex<()>>,
+}
+
+/// Stripes of [`Inner::key_locks`].
+const KEY_LOCK_STRIPES: usize = 64;
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.journal.has_work()
+            && let Err(e) = self.checkpoint()
+        {
+            tracing::error!("local store: final journal checkpoint failed: {e}");
+        }
+    }
 }
 
 impl LocalStore {
@@ -113,7 +135,14 @@ impl LocalStore {
                 detail: "no replica of the local store is online".into(),
             });
         }
-        Ok(LocalStore {
+        let journal = Journal::new(
+            replicas
+                .iter()
+                .filter(|r| r.online)
+                .map(|r| (r.index, r.root.clone()))
+                .collect(),
+        );
+        let store = LocalStore {
             inner: Arc::new(Inner {
                 store_id: cfg.store_id.clone(),
                 replicas,
@@ -124,8 +153,51 @@ impl LocalStore {
                 replica_faults: Mutex::new(BTreeMap::new()),
                 sse_store_key: cfg.sse_store_key.clone(),
                 require_encryption: cfg.require_encryption,
+                journal,
+                key_locks: (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             }),
-        })
+        };
+        // Writes a crashed writer acknowledged may be only in its journal: put them back
+        // in place before anything reads.
+        if let Err(e) = store.inner.replay_journals() {
+            tracing::error!(
+                "local store: replaying the journal of an earlier process failed: {e}; \
+                 what it holds is replayed at the next open"
+            );
+        }
+        Ok(store)
+    }
+
+    /// Makes every acknowledged write durable in place and removes superseded versions now
+    /// instead of within a second (unmount calls it; a later open would replay otherwise).
+    pub fn checkpoint(&self) -> StoreResult<()> {
+        self.inner
+            .checkpoint()
+            .map_err(|e| StoreError::io("", "checkpointing the journal", e))
+    }
+
+    /// Test hook: ends this store as a killed process would, without a checkpoint: its
+    /// journal segments stay for the next open to replay.
+    pub fn abandon(self) {
+        // The journal keeps nothing in memory that a replay needs; what stops the final
+        // checkpoint is taking its work away.
+        let inner = self.inner;
+        inner.journal.forget_work();
+        drop(inner);
+    }
+
+    /// Test hook: while held, no checkpoint runs (writes stay in the journal only, their
+    /// layout files unsynced).
+    pub fn hold_checkpoints(&self, hold: bool) {
+        self.inner
+            .journal
+            .held
+            .store(hold, std::sync::atomic::Ordering::Release);
+    }
+
+    /// fdatasyncs of the journal and checkpoints so far (for tests and statistics).
+    pub fn journal_stats(&self) -> (u64, u64) {
+        (self.inner.journal.syncs(), self.inner.journal.checkpoints())
     }
 
     /// Removes temporary files of puts that never completed (after a crash). Call only while
@@ -201,14 +273,14 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(StoreError::invalid("", format!("store task failed: {e}"))))
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 
-fn random_u32() -> u32 {
+pub(crate) fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     getrandom::fill(&mut b).expect("the OS random source works");
     u32::from_le_bytes(b)
@@ -255,39 +327,6 @@ fn worst(key: &str, errors: Vec<(usize, io::Error)>) -> StoreError {
     }
 }
 
-/// Dirty data a write may leave in the page cache before it waits for writeback.
-const DIRTY_WINDOW: u64 = 32 << 20;
-
-/// Starts writeback of bytes `start..end` of a file being written and waits for what is more
-/// than [`DIRTY_WINDOW`] behind. Without this, a large upload leaves gigabytes of dirty pages
-/// until its final fsync, and the kernel's dirty limit then stalls every writer on the
-/// machine (other mounts' small fsyncs included). Failures here are only hints: the fsync at
-/// commit is what makes the data durable and reports errors.
-fn bound_dirty_data(f: &File, start: u64, end: u64) {
-    use std::os::unix::io::AsRawFd;
-    let fd = f.as_raw_fd();
-    // SAFETY: sync_file_range on an open descriptor with in-range offsets.
-    unsafe {
-        libc::sync_file_range(
-            fd,
-            start as i64,
-            (end - start) as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-        if end > DIRTY_WINDOW {
-            let upto = end - DIRTY_WINDOW;
-            libc::sync_file_range(
-                fd,
-                0,
-                upto as i64,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            );
-        }
-    }
-}
-
 /// Pairs per-replica results with replica indices and keeps the failures.
 fn failures(
     results: Vec<io::Result<()>>,
@@ -311,11 +350,35 @@ fn info_of(rec: &MetaRecord, id: &str) -> ObjectInfo {
     }
 }
 
+/// What a journaled version writes into a replica's layout besides its record.
+enum Layout<'a> {
+    /// A new data file: the stored bytes, then their block checksums.
+    Inline { stored: &'a [u8], table: &'a [u8] },
+    /// A hard link to the data file of version `id` of `key` (a copy).
+    Link { key: &'a str, id: &'a str },
+    /// A delete marker: no data file.
+    Marker,
+}
+
+/// Writes `bytes` to `path` through a file in `tmp` and a rename, replacing any file there.
+fn write_replacing(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let t = tmp.join(format!("replay-{:08x}", random_u32()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&t)?;
+        f.write_all(bytes)?;
+    }
+    fs::rename(&t, path)
+}
+
 /// A write in progress on every replica: one temporary data file each.
 struct PendingWrite {
     key: String,
     id: String,
-    files: Vec<(usize, File, PathBuf)>,
+    files: Vec<(usize, direct::DataFile, PathBuf)>,
     sums: DataChecksummer,
     metadata: Metadata,
     /// Server-side encryption of the stored bytes, and how many were written.
@@ -391,13 +454,9 @@ impl Inner {
             let path = r
                 .tmp
                 .join(format!("{id}-{:08x}{DATA_SUFFIX}", random_u32()));
-            let f = self.injected(r.index).and_then(|()| {
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-            });
+            let f = self
+                .injected(r.index)
+                .and_then(|()| direct::DataFile::create(&path));
             match f {
                 Ok(f) => files.push((r.index, f, path)),
                 Err(e) => {
@@ -430,15 +489,11 @@ impl Inner {
             }
             None => data,
         };
-        let start = w.written;
         w.written += data.len() as u64;
         w.sums.update(data);
-        let end = w.written;
         let results = for_each_parallel(&w.files, |(i, f, _)| {
             self.injected(*i)?;
-            (&*f).write_all(data)?;
-            bound_dirty_data(f, start, end);
-            Ok(())
+            f.append(data)
         });
         let errors = failures(results, w.files.iter().map(|(i, _, _)| *i));
         if errors.is_empty() {
@@ -448,8 +503,55 @@ impl Inner {
         }
     }
 
+    /// A whole put of a small body through the journal: one shared fdatasync per replica
+    /// instead of the data, record and directory fsyncs of [`Self::commit`].
+    fn put_journaled(
+        self: &Arc<Self>,
+        key: &str,
+        body: &[u8],
+        metadata: Metadata,
+        sse_req: &Sse,
+    ) -> StoreResult<ObjectInfo> {
+        let sse = sse::for_put(key, sse_req, self.store_key())?;
+        let encrypted;
+        let stored = match &sse {
+            Some((_, k)) => {
+                let mut buf = body.to_vec();
+                k.apply(0, &mut buf);
+                encrypted = buf;
+                &encrypted[..]
+            }
+            None => body,
+        };
+        let mut sums = DataChecksummer::new(BLOCK_SIZE);
+        sums.update(stored);
+        let (table, digest, size) = sums.finish();
+        let id = self.next_version_id();
+        let rec = MetaRecord {
+            key: key.to_string(),
+            deleted: false,
+            size,
+            block_size: BLOCK_SIZE,
+            etag: digest[..32].to_string(),
+            blake3: digest,
+            mtime_ns: now_ns(),
+            metadata,
+            sse: sse.map(|(r, _)| r),
+        };
+        let v = VersionName {
+            id: id.clone(),
+            deleted: false,
+        };
+        let layout = Layout::Inline {
+            stored,
+            table: &table,
+        };
+        self.write_journaled(key, &v, &record::encode_meta(&rec), layout)?;
+        Ok(info_of(&rec, &id))
+    }
+
     /// Finishes a write on every replica; on any failure removes it from all of them.
-    fn commit(&self, w: PendingWrite) -> StoreResult<ObjectInfo> {
+    fn commit(self: &Arc<Self>, w: PendingWrite) -> StoreResult<ObjectInfo> {
         let PendingWrite {
             key,
             id,
@@ -479,8 +581,8 @@ impl Inner {
         let results = for_each_parallel(&files, |(i, f, tmp_path)| {
             let r = &self.replicas[*i];
             self.injected(*i)?;
-            (&*f).write_all(&table)?;
-            f.sync_all()?;
+            f.finish(&table)?;
+            let _locked = self.key_lock(*i, &key);
             let dir = layout::create_key_dirs(&r.objects, &key)?;
             fs::rename(tmp_path, dir.join(format!("{id}{DATA_SUFFIX}")))?;
             self.write_record(r, &dir, &v, &meta_bytes)
@@ -514,7 +616,7 @@ impl Inner {
     /// them (record first, so it is never visible half-removed) and reports the failure;
     /// otherwise prunes older versions of an unversioned store.
     fn finish_commit(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         v: &VersionName,
         errors: Vec<(usize, io::Error)>,
@@ -532,8 +634,10 @@ impl Inner {
             return Err(worst(key, errors));
         }
         if !self.versioning {
-            self.prune_key(key, 1, None)
-                .map_err(|e| StoreError::io(key, "removing the previous version", e))?;
+            // Removed at the next checkpoint, once the new version is durable in place: a
+            // journaled copy may still need the old version's data file until then.
+            self.journal.defer_prune(key);
+            self.schedule_checkpoint();
         }
         Ok(())
     }
@@ -703,7 +807,7 @@ impl Inner {
         Ok(())
     }
 
-    fn put_marker(&self, key: &str) -> StoreResult<()> {
+    fn put_marker(self: &Arc<Self>, key: &str) -> StoreResult<()> {
         let v = VersionName {
             id: self.next_version_id(),
             deleted: true,
@@ -720,23 +824,324 @@ impl Inner {
             sse: None,
         };
         let bytes = record::encode_meta(&rec);
+        self.write_journaled(key, &v, &bytes, Layout::Marker)
+    }
+
+    /// The lock between writes of `key`'s files on replica `replica` and a checkpoint's
+    /// pruning of that key there.
+    fn key_lock(&self, replica: usize, key: &str) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (replica, key).hash(&mut h);
+        self.key_locks[h.finish() as usize % self.key_locks.len()].lock()
+    }
+
+    /// Writes one version through the journal: its entry, durably, on every replica first
+    /// (one fdatasync shared with every write waiting at the same moment), then its files
+    /// into each replica's layout without an fsync (the checkpoint syncs them, and a replay
+    /// after a crash rewrites whatever did not reach the disk). If any replica fails, the
+    /// version is cancelled in the journals and taken out of every replica.
+    fn write_journaled(
+        self: &Arc<Self>,
+        key: &str,
+        v: &VersionName,
+        record: &[u8],
+        layout: Layout<'_>,
+    ) -> StoreResult<()> {
+        let inline;
+        let entry = journal::encode(
+            key,
+            &v.id,
+            record,
+            match &layout {
+                Layout::Inline { stored, table } => {
+                    inline = [*stored, *table];
+                    EntryRef::Inline(&inline)
+                }
+                Layout::Link { key, id } => EntryRef::Link { key, id },
+                Layout::Marker => EntryRef::Marker,
+            },
+        );
+        let (w, created) = self.journal.begin().map_err(|e| worst(key, vec![(0, e)]))?;
+        if created {
+            self.schedule_checkpoint();
+        }
         let replicas: Vec<&Replica> = self.online().collect();
         let results = for_each_parallel(&replicas, |r| {
             self.injected(r.index)?;
-            let dir = layout::create_key_dirs(&r.objects, key)?;
-            self.write_record(r, &dir, &v, &bytes)
+            w.log(r.index, &entry)?;
+            let _locked = self.key_lock(r.index, key);
+            self.write_layout(r, key, v, record, &layout, &replicas)
         });
         let errors = failures(results, replicas.iter().map(|r| r.index));
-        // A marker that did not land everywhere is taken back everywhere, like a put.
-        self.finish_commit(key, &v, errors, &[])
+        if !errors.is_empty() {
+            let cancel = journal::encode(key, &v.id, b"", EntryRef::Cancel);
+            for r in &replicas {
+                let _ = w.log(r.index, &cancel);
+            }
+        }
+        let full = w.full();
+        drop(w);
+        if full {
+            self.schedule_checkpoint();
+        }
+        self.finish_commit(key, v, errors, &[])
+    }
+
+    /// A journaled version's files in one replica's layout, written without fsync. The
+    /// record goes last, through `tmp/` and a rename, so readers see all of it or nothing.
+    fn write_layout(
+        &self,
+        r: &Replica,
+        key: &str,
+        v: &VersionName,
+        record: &[u8],
+        layout: &Layout<'_>,
+        replicas: &[&Replica],
+    ) -> io::Result<()> {
+        let dir = layout::create_key_dirs_with(&r.objects, key, DirSync::Later)?;
+        let target = dir.join(format!("{}{DATA_SUFFIX}", v.id));
+        match layout {
+            Layout::Inline { stored, table } => {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)?;
+                f.write_all(stored)?;
+                f.write_all(table)?;
+            }
+            Layout::Link { key: src, id } => match fs::hard_link(r.data_path(src, id), &target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // This replica lacks the source: copy it, durably (a replay could not
+                    // link it either), from one that has it.
+                    let good = replicas
+                        .iter()
+                        .find(|g| g.data_path(src, id).exists())
+                        .ok_or_else(|| io::Error::other("no replica has the source data"))?;
+                    let tmp = r
+                        .tmp
+                        .join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
+                    {
+                        let mut from = File::open(good.data_path(src, id))?;
+                        let mut to = File::create(&tmp)?;
+                        io::copy(&mut from, &mut to)?;
+                        to.sync_all()?;
+                    }
+                    fs::rename(&tmp, &target)?;
+                    durable::sync_dir(&dir)?;
+                }
+                Err(e) => return Err(e),
+            },
+            Layout::Marker => {}
+        }
+        let suffix = if v.deleted {
+            DELETE_SUFFIX
+        } else {
+            META_SUFFIX
+        };
+        let tmp = r.tmp.join(format!("{}-{:08x}{suffix}", v.id, random_u32()));
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(record)?;
+        }
+        fs::rename(&tmp, dir.join(format!("{}{suffix}", v.id)))
+    }
+
+    /// Starts the background checkpoint if none is waiting: it runs once the oldest work
+    /// not yet checkpointed is [`journal::CHECKPOINT_AFTER`] old, or at once for a full
+    /// segment.
+    fn schedule_checkpoint(self: &Arc<Self>) {
+        if self
+            .journal
+            .scheduled
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("coffer-checkpoint".into())
+            .spawn(move || {
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let wait = inner.journal.due_in();
+                    if wait.is_zero() {
+                        inner
+                            .journal
+                            .scheduled
+                            .store(false, std::sync::atomic::Ordering::Release);
+                        if let Err(e) = inner.checkpoint() {
+                            tracing::error!("local store: journal checkpoint failed: {e}");
+                        }
+                        // Work that arrived during the checkpoint schedules its own.
+                        return;
+                    }
+                    drop(inner);
+                    std::thread::sleep(wait.min(Duration::from_millis(50)));
+                }
+            });
+        if spawned.is_err() {
+            self.journal
+                .scheduled
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Makes the layout durable, prunes what the writes since the last checkpoint
+    /// superseded, and drops the journal segments they were in.
+    fn checkpoint(&self) -> io::Result<()> {
+        self.journal.checkpoint(&|keys| {
+            for key in keys {
+                self.prune_key(key, 1, None, false)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Replays the journal segments that processes now gone left in any replica: each
+    /// entry's files are rewritten where they are missing or differ; then the layout is
+    /// synced, superseded versions are removed, and the segments deleted.
+    fn replay_journals(&self) -> io::Result<()> {
+        let mut segments = Vec::new();
+        let mut keys = BTreeSet::new();
+        let mut restored = 0u64;
+        let mut entries = 0u64;
+        for r in self.online() {
+            for seg in journal::dead_segments(&r.root)? {
+                if seg.torn {
+                    warn!(
+                        "{}: ends in a torn or damaged entry (a write that was never \
+                         acknowledged); replaying the entries before it",
+                        seg.path.display()
+                    );
+                }
+                let cancelled: BTreeSet<(String, String)> = seg
+                    .entries
+                    .iter()
+                    .filter(|e| e.data == EntryData::Cancel)
+                    .map(|e| (e.key.clone(), e.id.clone()))
+                    .collect();
+                for e in &seg.entries {
+                    if e.data == EntryData::Cancel
+                        || cancelled.contains(&(e.key.clone(), e.id.clone()))
+                    {
+                        continue;
+                    }
+                    entries += 1;
+                    match self.replay_entry(r, e) {
+                        Ok(changed) => restored += changed as u64,
+                        Err(err) => {
+                            tracing::error!(
+                                "{}: replaying version {} of {}: {err}",
+                                seg.path.display(),
+                                e.id,
+                                e.key
+                            );
+                            return Err(err);
+                        }
+                    }
+                    keys.insert(e.key.clone());
+                }
+                segments.push(seg);
+            }
+        }
+        if segments.is_empty() {
+            return Ok(());
+        }
+        for r in self.online() {
+            journal::syncfs(&r.root)?;
+        }
+        if !self.versioning {
+            for key in &keys {
+                self.prune_key(key, 1, None, false)?;
+            }
+            for r in self.online() {
+                journal::syncfs(&r.root)?;
+            }
+        }
+        for seg in &segments {
+            let _ = fs::remove_file(&seg.path);
+        }
+        if entries == 0 {
+            // Segments kept for reuse by a process that then died: nothing in them counts.
+            return Ok(());
+        }
+        tracing::info!(
+            "local store: replayed {} journal segments left by an earlier process: {entries} \
+             writes, {restored} of them rewritten in place",
+            segments.len()
+        );
+        Ok(())
+    }
+
+    /// Puts one journal entry's files in place on replica `r` if they are not already
+    /// there intact; returns whether anything was rewritten.
+    fn replay_entry(&self, r: &Replica, e: &journal::Entry) -> io::Result<bool> {
+        let rec = record::decode_meta(&e.record).map_err(io::Error::other)?;
+        let deleted = e.data == EntryData::Marker;
+        let v = VersionName {
+            id: e.id.clone(),
+            deleted,
+        };
+        let dir = layout::create_key_dirs_with(&r.objects, &e.key, DirSync::Replay)?;
+        let data_path = dir.join(format!("{}{DATA_SUFFIX}", e.id));
+        let mut changed = false;
+        match &e.data {
+            EntryData::Inline(bytes) => {
+                if fs::read(&data_path).ok().as_deref() != Some(&bytes[..]) {
+                    write_replacing(&r.tmp, &data_path, bytes)?;
+                    changed = true;
+                }
+            }
+            EntryData::Link { key, id } => {
+                let intact = File::open(&data_path)
+                    .and_then(|f| record::verify_full(&f, &rec))
+                    .is_ok_and(|v| v.is_ok());
+                if !intact {
+                    let src = r.data_path(key, id);
+                    if src.exists() {
+                        durable::remove_file_if_exists(&data_path)?;
+                        fs::hard_link(&src, &data_path)?;
+                        changed = true;
+                    } else {
+                        // Reads find it missing here and repair it from another replica.
+                        warn!(
+                            "{}: the source of copied version {} ({key} version {id}) is not \
+                             on replica {}",
+                            e.key, e.id, r.index
+                        );
+                    }
+                }
+            }
+            EntryData::Marker | EntryData::Cancel => {}
+        }
+        let record_path = r.record_path(&e.key, &v);
+        if fs::read(&record_path).ok().as_deref() != Some(&e.record[..]) {
+            write_replacing(&r.tmp, &record_path, &e.record)?;
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// Removes every version of `key` but the newest `keep` ones (and, with `older_than`,
     /// only those older than that), on every online replica.
-    fn prune_key(&self, key: &str, keep: usize, older_than: Option<Duration>) -> io::Result<usize> {
+    fn prune_key(
+        &self,
+        key: &str,
+        keep: usize,
+        older_than: Option<Duration>,
+        sync: bool,
+    ) -> io::Result<usize> {
         let cutoff = older_than.map(|d| now_ns().saturating_sub(d.as_nanos() as u64));
         let mut removed = BTreeSet::new();
         for r in self.online() {
+            let _locked = self.key_lock(r.index, key);
             let versions = r.versions(key)?;
             let n = versions.len().saturating_sub(keep);
             let dir = r.versions_dir(key);
@@ -760,8 +1165,10 @@ impl Inner {
                 changed = true;
             }
             if changed {
-                durable::sync_dir(&dir)?;
-                remove_empty_dirs(&r.objects, key);
+                if sync {
+                    durable::sync_dir(&dir)?;
+                }
+                remove_empty_dirs(&r.objects, key, sync);
             }
         }
         Ok(removed.len())
@@ -772,7 +1179,7 @@ impl Inner {
         let mut n = 0;
         for key in keys {
             n += self
-                .prune_key(&key, keep, older_than)
+                .prune_key(&key, keep, older_than, true)
                 .map_err(|e| StoreError::io(&key, "pruning versions", e))?;
         }
         Ok(n)
@@ -1026,7 +1433,7 @@ fn walk(
 }
 
 /// Removes the now-empty directories of a key, bottom up (best effort).
-fn remove_empty_dirs(objects: &Path, key: &str) {
+fn remove_empty_dirs(objects: &Path, key: &str, sync: bool) {
     let mut dir = layout::key_dir(objects, key);
     let _ = fs::remove_dir(dir.join(layout::VERSIONS_DIR));
     while dir != objects && dir.starts_with(objects) {
@@ -1038,7 +1445,7 @@ fn remove_empty_dirs(objects: &Path, key: &str) {
         if fs::remove_dir(&dir).is_err() {
             break;
         }
-        if let Some(parent) = dir.parent() {
+        if sync && let Some(parent) = dir.parent() {
             let _ = durable::sync_dir(parent);
         }
         dir.pop();
@@ -1066,12 +1473,27 @@ impl ObjectStore for LocalStore {
     }
 
     fn request_stats(&self) -> Vec<(&'static str, u64)> {
-        vec![(
-            "replicas_repaired",
-            self.inner
-                .repaired
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )]
+        let (syncs, checkpoints) = self.journal_stats();
+        vec![
+            (
+                "replicas_repaired",
+                self.inner
+                    .repaired
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            ("journal_syncs", syncs),
+            ("journal_checkpoints", checkpoints),
+        ]
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            inner
+                .checkpoint()
+                .map_err(|e| StoreError::io("", "checkpointing the journal", e))
+        })
+        .await
     }
 
     fn limits(&self) -> StoreLimits {
@@ -1098,6 +1520,9 @@ impl ObjectStore for LocalStore {
         let metadata = opts.metadata.clone();
         let sse_req = opts.sse.clone();
         blocking(move || {
+            if body.len() <= journal::MAX_INLINE {
+                return inner.put_journaled(&key, &body, metadata, &sse_req);
+            }
             let mut w = inner.begin(&key, metadata, &sse_req)?;
             if let Err(e) = inner.write(&mut w, &body) {
                 inner.abort(w);
@@ -1136,25 +1561,28 @@ impl ObjectStore for LocalStore {
             // error, never a reason to think a replica is damaged.
             let (rec, _, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
             let obj_key = sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
-            let (rec, vid, (r, mut data)) =
-                inner.read_version(&k, id.as_deref(), |rep, v, rec| {
-                    let r = clamp_range(range.clone(), rec.size);
-                    let file =
-                        File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
-                    let data = record::read_verified(&file, rec, r.clone())?
-                        .map_err(ReplicaError::Corrupt)?;
-                    Ok((r, data))
-                })?;
-            if let Some(key) = &obj_key {
-                key.apply(r.start, &mut data);
-            }
+            let (rec, vid, (r, data)) = inner.read_version(&k, id.as_deref(), |rep, v, rec| {
+                let r = clamp_range(range.clone(), rec.size);
+                let file = File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
+                let data = record::read_verified_bytes(&file, rec, r.clone())?
+                    .map_err(ReplicaError::Corrupt)?;
+                Ok((r, data))
+            })?;
+            let data = match &obj_key {
+                Some(key) => {
+                    let mut plain = data.to_vec();
+                    key.apply(r.start, &mut plain);
+                    Bytes::from(plain)
+                }
+                None => data,
+            };
             Ok((rec, vid, (r, data)))
         })
         .await?;
         Ok(GetResult {
             info: info_of(&rec, &id),
             range: r,
-            body: Bytes::from(body),
+            body,
         })
     }
 
@@ -1240,17 +1668,12 @@ impl ObjectStore for LocalStore {
             let Some((latest, _)) = inner.resolve(&key, None)? else {
                 return Ok(());
             };
-            if inner.versioning {
-                if latest.deleted {
-                    return Ok(());
-                }
-                inner.put_marker(&key)
-            } else {
-                inner
-                    .prune_key(&key, 0, None)
-                    .map(|_| ())
-                    .map_err(|e| StoreError::io(&key, "deleting", e))
+            if latest.deleted {
+                return Ok(());
             }
+            // Without versioning too: the marker hides the key at once, and the next
+            // checkpoint removes it with every version it hides.
+            inner.put_marker(&key)
         })
         .await
     }
@@ -1292,36 +1715,8 @@ impl ObjectStore for LocalStore {
                 ..rec.clone()
             };
             let bytes = record::encode_meta(&new);
-            let replicas: Vec<&Replica> = inner.online().collect();
-            let results = for_each_parallel(&replicas, |r| {
-                inner.injected(r.index)?;
-                let dir = layout::create_key_dirs(&r.objects, &dst)?;
-                let target = dir.join(format!("{}{DATA_SUFFIX}", v.id));
-                match fs::hard_link(r.data_path(&src, &id), &target) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        // This replica lacks the source: copy it from one that has it.
-                        let good = replicas
-                            .iter()
-                            .find(|g| g.data_path(&src, &id).exists())
-                            .ok_or_else(|| io::Error::other("no replica has the source data"))?;
-                        let tmp = r
-                            .tmp
-                            .join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
-                        {
-                            let mut from = File::open(good.data_path(&src, &id))?;
-                            let mut to = File::create(&tmp)?;
-                            io::copy(&mut from, &mut to)?;
-                            to.sync_all()?;
-                        }
-                        fs::rename(&tmp, &target)?;
-                    }
-                    Err(e) => return Err(e),
-                }
-                inner.write_record(r, &dir, &v, &bytes)
-            });
-            let errors = failures(results, replicas.iter().map(|r| r.index));
-            inner.finish_commit(&dst, &v, errors, &[])?;
+            let layout = Layout::Link { key: &src, id: &id };
+            inner.write_journaled(&dst, &v, &bytes, layout)?;
             Ok(info_of(&new, &v.id))
         })
         .await
@@ -1358,6 +1753,11 @@ impl ObjectStore for LocalStore {
                     }
                 }
                 for (i, (v, rec)) in all.into_iter().rev().enumerate() {
+                    // Without versioning, superseded versions and delete markers wait only
+                    // for the next checkpoint to remove them: they are not versions.
+                    if !inner.versioning && (i > 0 || v.deleted) {
+                        break;
+                    }
                     let Some(rec) = rec else {
                         warn!(
                             "{key}: version {} has no readable record on any replica",

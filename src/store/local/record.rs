@@ -158,8 +158,19 @@ pub fn read_verified(
     rec: &MetaRecord,
     range: Range<u64>,
 ) -> io::Result<Result<Vec<u8>, String>> {
+    Ok(read_verified_bytes(file, rec, range)?.map(|b| b.to_vec()))
+}
+
+/// [`read_verified`] without moving the bytes: the whole blocks read stay in one buffer and
+/// the result is the requested slice of it (ranged reads of sealed chunks never start on
+/// a block boundary, and moving every read's bytes down cost a copy of each).
+pub fn read_verified_bytes(
+    file: &File,
+    rec: &MetaRecord,
+    range: Range<u64>,
+) -> io::Result<Result<bytes::Bytes, String>> {
     if range.start >= range.end {
-        return Ok(Ok(Vec::new()));
+        return Ok(Ok(bytes::Bytes::new()));
     }
     let bs = rec.block_size as u64;
     if bs == 0 {
@@ -178,17 +189,31 @@ pub fn read_verified(
     file.read_exact_at(&mut table, rec.size + 4 * b0)?;
     let start = b0 * bs;
     let end = ((b1 + 1) * bs).min(rec.size);
-    let mut data = vec![0u8; (end - start) as usize];
-    file.read_exact_at(&mut data, start)?;
+    // Read into spare capacity: zeroing a multi-MiB buffer first would cost as much as the
+    // checksums.
+    let want = (end - start) as usize;
+    let mut data = Vec::with_capacity(want);
+    {
+        use std::io::{Read, Seek};
+        let mut f = file;
+        f.seek(io::SeekFrom::Start(start))?;
+        f.take(want as u64).read_to_end(&mut data)?;
+    }
+    if data.len() != want {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "data file shorter than its record",
+        ));
+    }
     for (i, block) in data.chunks(bs as usize).enumerate() {
         let want = u32::from_le_bytes(table[4 * i..4 * i + 4].try_into().unwrap());
         if crc32c::crc32c(block) != want {
             return Ok(Err(format!("block {} checksum mismatch", b0 + i as u64)));
         }
     }
-    data.drain(..(range.start - start) as usize);
-    data.truncate((range.end - range.start) as usize);
-    Ok(Ok(data))
+    let from = (range.start - start) as usize;
+    let to = from + (range.end - range.start) as usize;
+    Ok(Ok(bytes::Bytes::from(data).slice(from..to)))
 }
 
 /// Verifies a whole `.d` file: every block checksum and the BLAKE3 digest. Memory stays at
