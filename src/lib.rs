@@ -7,6 +7,7 @@
 //! - [`crypt`]: the object format, envelopes and key providers;
 //! - [`store`]: the [`store::ObjectStore`] trait and its backends.
 
+pub mod blocking;
 pub mod cache;
 pub mod config;
 pub mod control;

@@ -13,6 +13,9 @@ use crate::crypt::Crypt;
 use crate::store::{ObjectStore, Sse};
 use crate::vfs::{Defaults, Vfs, VfsConfig};
 
+/// Threads reading requests from the kernel.
+const FUSE_THREADS: usize = 4;
+
 /// Options of one mount.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -200,6 +203,10 @@ pub fn run(
     let mut config = Config::default();
     config.mount_options = options;
     config.acl = parsed.acl;
+    // Requests run on their FUSE thread until they wait (see `fs`), and the local store's
+    // work runs there too: more than one thread keeps one slow request from holding up the
+    // rest, and lets concurrent small puts share a journal sync.
+    config.n_threads = Some(FUSE_THREADS);
     // The signal handlers go in before the mount appears: a SIGUSR1 or SIGTERM sent as soon
     // as the mount point answers would otherwise find the default action (exit) in place.
     let signals = {

@@ -206,6 +206,11 @@ proptest! {
             let flat = opened.concat();
             let base = chunks.start as usize * C;
             prop_assert_eq!(&flat[start - base..end - base], &data[start..end]);
+            // Opened in place, as the reader does: the same plaintext, chunk for chunk.
+            let piece = bytes::Bytes::copy_from_slice(&body[stored.start as usize..stored.end as usize]);
+            let (shared, held) = cipher.open_shared(chunks.clone(), size as u64, piece).unwrap();
+            prop_assert!(held >= (stored.end - stored.start) as usize);
+            prop_assert_eq!(shared.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), opened);
         }
     }
 

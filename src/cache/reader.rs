@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::ChunkCache;
+use super::buffers::READ_BUFFERS;
 use crate::crypt::{Crypt, ObjectCipher};
 use crate::error::{FsError, FsResult};
 use crate::store::{GetOptions, ObjectInfo, ObjectStore};
@@ -133,8 +134,8 @@ impl CommittedObject {
         self.open_into_cache(cache, run, stored).await.map(drop)
     }
 
-    /// Opens the chunks `run` from their stored bytes on the blocking pool, and puts each in
-    /// the cache.
+    /// Opens the chunks `run` from their stored bytes on the blocking pool, in place, and
+    /// puts each in the cache (as slices of one buffer).
     async fn open_into_cache(
         &self,
         cache: &ChunkCache,
@@ -142,18 +143,18 @@ impl CommittedObject {
         stored: Bytes,
     ) -> FsResult<Vec<Bytes>> {
         let (cipher, plain_size, r) = (self.cipher.clone(), self.plain_size, run.clone());
-        let opened = tokio::task::spawn_blocking(move || cipher.open(r, plain_size, &stored))
-            .await
-            .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
-        Ok(opened
-            .into_iter()
-            .enumerate()
-            .map(|(j, data)| {
-                let data = Bytes::from(data);
-                cache.insert((self.cache_id, run.start + j as u64), data.clone());
-                data
-            })
-            .collect())
+        let (opened, buffer_len) =
+            tokio::task::spawn_blocking(move || cipher.open_shared(r, plain_size, stored))
+                .await
+                .map_err(|e| FsError::new(libc::EIO, format!("decrypt task failed: {e}")))??;
+        cache.insert_from_buffer(
+            buffer_len,
+            opened
+                .iter()
+                .enumerate()
+                .map(|(j, data)| ((self.cache_id, run.start + j as u64), data.clone())),
+        );
+        Ok(opened)
     }
 
     /// The plaintext of `chunks` (clamped to the object), one buffer per chunk: from the
@@ -276,7 +277,10 @@ impl CommittedObject {
         }
         let data = self.read_chunks(store, cache, chunks.clone()).await?;
         let end = range.end.min(self.plain_size);
-        let mut out = Vec::with_capacity((end - range.start) as usize);
+        let mut out = match (end - range.start) as usize {
+            n if n <= 1 << 20 => READ_BUFFERS.take(),
+            n => Vec::with_capacity(n),
+        };
         for (j, chunk) in data.iter().enumerate() {
             let base = (chunks.start + j as u64) * g.chunk;
             let from = range.start.saturating_sub(base) as usize;

@@ -213,7 +213,11 @@ impl StreamingWriter {
         self.header_sent = true;
         self.parts_sent += 1;
         move || {
-            let mut out = if plaintext.len() <= BASE_PART as usize {
+            let mut out = if plaintext.len() <= INLINE_SEAL_BYTES {
+                // A small file's object, sized exactly: an idle part buffer is 8 MiB of
+                // address space mapped and unmapped for each small file.
+                Vec::with_capacity(cipher.geometry().stored_size(plaintext.len() as u64) as usize)
+            } else if plaintext.len() <= BASE_PART as usize {
                 SEALED_BUFFERS.take()
             } else {
                 Vec::new()

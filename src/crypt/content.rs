@@ -263,6 +263,44 @@ impl ContentCipher {
             pieces.into_par_iter().map(open).collect()
         }
     }
+
+    /// [`Self::open_chunks`] in place: `stored` becomes the plaintext, and the range of each
+    /// chunk's plaintext in it is returned (the tags stay between them). No buffer per chunk
+    /// and no copy, where a cold sequential read spent a quarter of its time faulting in
+    /// fresh buffers.
+    pub fn open_chunks_in_place(
+        &self,
+        chunks: std::ops::Range<u64>,
+        plain_size: u64,
+        stored: &mut [u8],
+    ) -> Result<Vec<std::ops::Range<usize>>, CryptError> {
+        let g = self.geometry;
+        let last_index = g.chunk_count(plain_size) - 1;
+        let expected = g.stored_range(chunks.clone(), plain_size);
+        if stored.len() as u64 != expected.end - expected.start {
+            return Err(CryptError::BadSize(stored.len() as u64));
+        }
+        let mut pieces: Vec<(u64, usize, &mut [u8])> =
+            Vec::with_capacity((chunks.end - chunks.start) as usize);
+        let mut rest = stored;
+        let mut off = 0usize;
+        for i in chunks {
+            let len = (g.chunk_len(i, plain_size) + g.tag_len()) as usize;
+            let (piece, tail) = rest.split_at_mut(len);
+            pieces.push((i, off, piece));
+            off += len;
+            rest = tail;
+        }
+        let open = |(i, off, piece): (u64, usize, &mut [u8])| {
+            let n = self.open_chunk_in_place(i, i == last_index, piece)?;
+            Ok(off..off + n)
+        };
+        if pieces.len() == 1 {
+            pieces.into_iter().map(open).collect()
+        } else {
+            pieces.into_par_iter().map(open).collect()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -203,6 +203,43 @@ impl ObjectCipher {
             }
         }
     }
+
+    /// [`Self::open`] without a copy: the chunks come back as slices of `stored`'s buffer,
+    /// opened in place (copied once first only if someone else holds it too), with the size
+    /// of that buffer (which the slices keep alive).
+    pub fn open_shared(
+        &self,
+        chunks: std::ops::Range<u64>,
+        plain_size: u64,
+        stored: bytes::Bytes,
+    ) -> Result<(Vec<bytes::Bytes>, usize), CryptError> {
+        let g = self.geometry;
+        match &self.cipher {
+            Some(c) => {
+                let mut buf = stored
+                    .try_into_mut()
+                    .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+                let held = buf.capacity();
+                let ranges = c.open_chunks_in_place(chunks, plain_size, &mut buf)?;
+                let plain = buf.freeze();
+                Ok((ranges.into_iter().map(|r| plain.slice(r)).collect(), held))
+            }
+            None => {
+                let held = stored.len();
+                let mut off = 0usize;
+                let pieces = chunks
+                    .map(|i| {
+                        let len = g.chunk_len(i, plain_size) as usize;
+                        let end = (off + len).min(stored.len());
+                        let piece = stored.slice(off.min(end)..end);
+                        off += len;
+                        piece
+                    })
+                    .collect();
+                Ok((pieces, held))
+            }
+        }
+    }
 }
 
 /// Convenience for tests and tools: the whole plaintext of an object body.

@@ -1,10 +1,12 @@
-//! The FUSE adapter: maps each kernel request to a vfs call on the tokio runtime and sends
-//! the reply from there, so that no FUSE thread waits on the store.
+//! The FUSE adapter: maps each kernel request to a vfs call, run on the FUSE thread up to its
+//! first wait and on the tokio runtime from there, so that no FUSE thread waits on a remote
+//! store.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -16,7 +18,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::debug;
 
-use crate::cache::buffers::WRITE_BUFFERS;
+use crate::cache::buffers::{READ_BUFFERS, WRITE_BUFFERS};
 use crate::error::FsError;
 use crate::vfs::{Attr, Kind, SetAttr, Vfs};
 
@@ -36,36 +38,36 @@ impl CofferFs {
         CofferFs { vfs, rt }
     }
 
-    fn spawn<F>(&self, f: impl FnOnce(Arc<Vfs>) -> F)
+    /// Runs a request's vfs call on this FUSE thread up to its first wait, and on the runtime
+    /// from there. Most requests never wait (the answer is in memory, or the local store
+    /// answers at once on this thread, see [`crate::blocking`]) and are answered here: two
+    /// thread switches fewer than a hand-off to a worker, and for a small file's create,
+    /// write, flush and release, most of their latency. A call that does wait moves to the
+    /// runtime as it is, not started again, and this thread goes back to the kernel.
+    fn run<F>(&self, f: impl FnOnce(Arc<Vfs>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.vfs.clone()));
+        let mut call = Box::pin(f(self.vfs.clone()));
+        let _runtime = self.rt.enter();
+        // A no-op waker: if the call waits, the runtime polls it again as soon as it is
+        // spawned, registering its own waker then.
+        let mut cx = Context::from_waker(Waker::noop());
+        if crate::blocking::allowed_here(|| call.as_mut().poll(&mut cx)).is_pending() {
+            self.rt.spawn(call);
+        }
     }
 
-    /// Runs a vfs call on this thread when `ready` says everything it needs is in memory,
-    /// else on the runtime. A request answered here costs two thread switches instead of
-    /// three: a third of the latency of a cheap request. Only for calls that change nothing
-    /// before their first wait, since one that would wait after all (the cache expired in
-    /// between) is dropped here and started again on the runtime.
-    fn now_or_spawn<T, F>(
+    /// [`Self::run`] of `call`, whose result `done` sends.
+    fn answer<T, F>(
         &self,
-        ready: bool,
-        call: impl Fn(Arc<Vfs>) -> F + Send + 'static,
+        call: impl FnOnce(Arc<Vfs>) -> F + Send + 'static,
         done: impl FnOnce(T) + Send + 'static,
     ) where
         T: Send + 'static,
         F: std::future::Future<Output = T> + Send + 'static,
     {
-        use futures::FutureExt;
-        if ready {
-            let _runtime = self.rt.enter();
-            if let Some(out) = call(self.vfs.clone()).now_or_never() {
-                return done(out);
-            }
-        }
-        let vfs = self.vfs.clone();
-        self.rt.spawn(async move { done(call(vfs).await) });
+        self.run(|vfs| async move { done(call(vfs).await) });
     }
 }
 
@@ -157,12 +159,8 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.now_or_spawn(
-            self.vfs.lookup_ready(parent.0, &name),
-            move |vfs| {
-                let name = name.clone();
-                async move { vfs.lookup(parent.0, &name).await }
-            },
+        self.answer(
+            move |vfs| async move { vfs.lookup(parent.0, &name).await },
             |r| reply_entry(reply, r),
         );
     }
@@ -172,8 +170,7 @@ impl Filesystem for CofferFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.now_or_spawn(
-            self.vfs.attr_ready(ino.0),
+        self.answer(
             move |vfs| async move { vfs.getattr(ino.0).await },
             move |r| match r {
                 Ok(a) => reply.attr(&TTL, &file_attr(ino.0, &a)),
@@ -208,7 +205,7 @@ impl Filesystem for CofferFs {
             mtime: mtime.map(time_of),
             ctime,
         };
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs.setattr(ino.0, s).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(ino.0, &a)),
                 Err(e) => reply.error(errno(&e)),
@@ -217,7 +214,7 @@ impl Filesystem for CofferFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs.readlink(ino.0).await {
                 Ok(t) => reply.data(t.as_bytes()),
                 Err(e) => reply.error(errno(&e)),
@@ -253,7 +250,7 @@ impl Filesystem for CofferFs {
             Err(e) => return reply.error(e),
         };
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             let made = vfs.mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid);
             reply_entry(reply, made.await)
         });
@@ -264,7 +261,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(|vfs| async move { reply_empty(reply, vfs.unlink(parent.0, &name).await) });
+        self.run(|vfs| async move { reply_empty(reply, vfs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -272,7 +269,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(|vfs| async move { reply_empty(reply, vfs.rmdir(parent.0, &name).await) });
+        self.run(|vfs| async move { reply_empty(reply, vfs.rmdir(parent.0, &name).await) });
     }
 
     fn symlink(
@@ -288,7 +285,7 @@ impl Filesystem for CofferFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             reply_entry(reply, vfs.symlink(parent.0, &name, &target, uid, gid).await)
         });
     }
@@ -313,7 +310,7 @@ impl Filesystem for CofferFs {
             return reply.error(Errno::EINVAL);
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs
                 .rename(parent.0, &name, newparent.0, &newname, noreplace)
                 .await
@@ -339,7 +336,7 @@ impl Filesystem for CofferFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let pid = req.pid();
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs.open(ino.0, truncate).await {
                 Ok(fh) => {
                     vfs.set_handle_owner(fh, pid);
@@ -361,9 +358,12 @@ impl Filesystem for CofferFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs.read(ino.0, offset, size).await {
-                Ok(d) => reply.data(&d),
+                Ok(d) => {
+                    reply.data(&d);
+                    READ_BUFFERS.give(d);
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -384,7 +384,7 @@ impl Filesystem for CofferFs {
         let data = WRITE_BUFFERS.copy_of(data);
         // The ticket is taken here, in arrival order, before the task may be reordered.
         let ticket = self.vfs.write_ticket(ino.0);
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             let result = vfs.write_in_order(ino.0, offset, &data, ticket).await;
             WRITE_BUFFERS.give(data);
             match result {
@@ -403,7 +403,7 @@ impl Filesystem for CofferFs {
         reply: ReplyEmpty,
     ) {
         let pid = req.pid();
-        self.spawn(|vfs| async move { reply_empty(reply, vfs.flush_from(ino.0, fh.0, pid).await) });
+        self.run(|vfs| async move { reply_empty(reply, vfs.flush_from(ino.0, fh.0, pid).await) });
     }
 
     fn release(
@@ -416,7 +416,7 @@ impl Filesystem for CofferFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|vfs| async move { reply_empty(reply, vfs.release(ino.0, fh.0).await) });
+        self.run(|vfs| async move { reply_empty(reply, vfs.release(ino.0, fh.0).await) });
     }
 
     fn fsync(
@@ -427,11 +427,11 @@ impl Filesystem for CofferFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|vfs| async move { reply_empty(reply, vfs.fsync(ino.0).await) });
+        self.run(|vfs| async move { reply_empty(reply, vfs.fsync(ino.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(&e)),
@@ -566,7 +566,7 @@ impl Filesystem for CofferFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             let (total, free) = vfs.store().space().await.unwrap_or((1 << 50, 1 << 50));
             let bs = BLOCK;
             reply.statfs(
@@ -597,7 +597,7 @@ impl Filesystem for CofferFs {
             Err(e) => return reply.error(e),
         };
         let value = value.to_vec();
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             reply_empty(reply, vfs.setxattr(ino.0, &name, &value, flags).await)
         });
     }
@@ -608,12 +608,8 @@ impl Filesystem for CofferFs {
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
         // The kernel asks for security.capability before every write.
-        self.now_or_spawn(
-            self.vfs.attr_ready(ino.0),
-            move |vfs| {
-                let name = name.clone();
-                async move { vfs.getxattr(ino.0, &name).await }
-            },
+        self.answer(
+            move |vfs| async move { vfs.getxattr(ino.0, &name).await },
             move |r| match r {
                 Ok(v) if size == 0 => reply.size(v.len() as u32),
                 Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -624,7 +620,7 @@ impl Filesystem for CofferFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.spawn(|vfs| async move {
+        self.run(|vfs| async move {
             match vfs.listxattr(ino.0).await {
                 Ok(names) => {
                     let mut buf = Vec::new();
@@ -650,7 +646,7 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
-        self.spawn(|vfs| async move { reply_empty(reply, vfs.removexattr(ino.0, &name).await) });
+        self.run(|vfs| async move { reply_empty(reply, vfs.removexattr(ino.0, &name).await) });
     }
 
     fn ioctl(
@@ -692,14 +688,10 @@ impl Filesystem for CofferFs {
         }
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         let vfs = self.vfs.clone();
-        self.now_or_spawn(
-            self.vfs.dir_ready(parent.0),
-            move |vfs| {
-                let name = name.clone();
-                async move {
-                    vfs.create(parent.0, &name, mode & !umask & 0o7777, uid, gid)
-                        .await
-                }
+        self.answer(
+            move |vfs| async move {
+                vfs.create(parent.0, &name, mode & !umask & 0o7777, uid, gid)
+                    .await
             },
             move |r| match r {
                 Ok((e, fh)) => {

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::cache::buffers::READ_BUFFERS;
 use crate::cache::staging::{StagingFile, StagingKey};
 use crate::cache::upload::StreamingWriter;
 use crate::cache::{ChunkCache, CommittedObject};
@@ -190,7 +191,10 @@ impl FileData {
             }
             Content::Staged(_) => {
                 let chunk = ctx.crypt.geometry().chunk;
-                let mut out = Vec::with_capacity((end - offset) as usize);
+                let mut out = match (end - offset) as usize {
+                    n if n <= 1 << 20 => READ_BUFFERS.take(),
+                    n => Vec::with_capacity(n),
+                };
                 for i in offset / chunk..end.div_ceil(chunk) {
                     let data = self.chunk_content(ctx, key, i).await?;
                     let base = i * chunk;

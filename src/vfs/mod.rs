@@ -428,33 +428,6 @@ impl Vfs {
                 .is_some_and(|ttl| i.listed_at.is_none_or(|t| t.elapsed() >= ttl))
     }
 
-    /// Whether `dir` is listed and fresh, so that a call needing only its listing waits
-    /// for nothing.
-    pub fn dir_ready(&self, dir: u64) -> bool {
-        let t = self.table.lock();
-        t.get(dir)
-            .is_ok_and(|i| i.attr.kind == Kind::Dir && !self.needs_listing(i))
-    }
-
-    /// Whether the attributes of `ino` are in memory.
-    pub fn attr_ready(&self, ino: u64) -> bool {
-        self.table.lock().get(ino).is_ok_and(|i| i.attr_loaded)
-    }
-
-    /// Whether a lookup of `name` in `parent` can be answered from memory.
-    pub fn lookup_ready(&self, parent: u64, name: &str) -> bool {
-        let t = self.table.lock();
-        let Ok(i) = t.get(parent) else { return false };
-        if i.attr.kind != Kind::Dir || self.needs_listing(i) {
-            return false;
-        }
-        match t.child(parent, name) {
-            Ok(Some(child)) => t.get(child).is_ok_and(|c| c.attr_loaded),
-            Ok(None) => true,
-            Err(_) => false,
-        }
-    }
-
     /// Lists a directory from the store: once, or again after the metadata TTL.
     async fn ensure_loaded(&self, dir: u64) -> FsResult<()> {
         let (lock, path) = {

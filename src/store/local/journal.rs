@@ -140,23 +140,18 @@ pub fn encode(key: &str, id: &str, record: &[u8], data: EntryRef<'_>) -> Vec<u8>
         }
         EntryRef::Marker | EntryRef::Cancel => {}
     }
-    // The CRC stored here covers the body only; an append binds it to its segment's
+    // The checksum is left zero here: an append computes it, bound to its segment's
     // generation (see [`bind_crc`]).
     let body_len = (out.len() - 8) as u32;
-    let crc = crc32c::crc32c(&out[8..]);
     out[..4].copy_from_slice(&body_len.to_le_bytes());
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
 /// The checksum of an entry in a segment of `generation`: CRC32C of the generation, then the
-/// body, from the body's own CRC without reading the body again.
-fn bind_crc(generation: u64, body_crc: u32, body_len: usize) -> u32 {
-    crc32c::crc32c_combine(
-        crc32c::crc32c(&generation.to_le_bytes()),
-        body_crc,
-        body_len,
-    )
+/// body. (Computed over the body again on each append rather than combined from the body's
+/// own CRC: `crc32c_combine` costs more than hashing a whole small entry.)
+fn bind_crc(generation: u64, body: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&generation.to_le_bytes()), body)
 }
 
 /// The data of an entry being encoded, borrowed.
@@ -249,7 +244,7 @@ pub fn decode_segment(bytes: &[u8]) -> (Vec<Entry>, bool) {
             return (out, true);
         }
         let body = &rest[8..8 + len];
-        if bind_crc(generation, crc32c::crc32c(body), len) != crc {
+        if bind_crc(generation, body) != crc {
             break;
         }
         match decode_body(body) {
@@ -297,8 +292,7 @@ impl Log {
                 self.path.display()
             )));
         }
-        let body_crc = u32::from_le_bytes(entry[4..8].try_into().unwrap());
-        let crc = bind_crc(self.generation, body_crc, entry.len() - 8);
+        let crc = bind_crc(self.generation, &entry[8..]);
         // The checksum goes in its own small write first: the entry's 8-byte head is written
         // last, so a torn write never shows a length and checksum over bytes not there.
         let result = self
@@ -811,11 +805,7 @@ mod tests {
         s[8..16].copy_from_slice(&generation.to_le_bytes());
         for e in entries {
             let mut e = e.clone();
-            let crc = bind_crc(
-                generation,
-                u32::from_le_bytes(e[4..8].try_into().unwrap()),
-                e.len() - 8,
-            );
+            let crc = bind_crc(generation, &e[8..]);
             e[4..8].copy_from_slice(&crc.to_le_bytes());
             s.extend_from_slice(&e);
         }

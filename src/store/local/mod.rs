@@ -268,7 +268,7 @@ impl LocalStore {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StoreResult<T> + Send + 'static,
 ) -> StoreResult<T> {
-    tokio::task::spawn_blocking(f)
+    crate::blocking::run(f)
         .await
         .unwrap_or_else(|e| Err(StoreError::invalid("", format!("store task failed: {e}"))))
 }
