@@ -810,3 +810,47 @@ print(done)
     );
     assert_eq!(report.trim(), "2", "both files carry a KMS envelope");
 }
+
+#[test]
+fn a_streamed_file_is_not_copied_again_for_its_times_but_set_times_are_kept() {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_fuse();
+    let g = s3::garage();
+    let dir = tmp();
+    let key = dir.path().join("root.key");
+    let source = g.fresh_source("streamed-times");
+    g.init(&source, &["--key", key.to_str().unwrap()]);
+    let k = ["--key", key.to_str().unwrap()];
+    let m = g.mount(&source, dir.path(), &k);
+    // 24 MiB: several multipart parts, sent while the writes go on (so the stored mtime is
+    // the one of the upload's start).
+    {
+        let mut f = fs::File::create(m.p("stream.bin")).unwrap();
+        let block = vec![0x5au8; 1 << 20];
+        for _ in 0..24 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let copies = {
+        requests_so_far(&m);
+        stat_in(&m.log_text(), "copy")
+    };
+    assert_eq!(copies, 0, "the upload was copied again only for its times");
+    // Times and modes set explicitly are stored (a metadata copy each), as rsync and tar
+    // need.
+    sh(&format!(
+        "touch -m -d '2001-02-03 04:05:06 UTC' '{}'",
+        m.p("stream.bin").display()
+    ));
+    fs::set_permissions(m.p("stream.bin"), fs::Permissions::from_mode(0o640)).unwrap();
+    m.unmount();
+    let m = g.mount(&source, dir.path(), &k);
+    let md = fs::metadata(m.p("stream.bin")).unwrap();
+    assert_eq!(md.len(), 24 << 20);
+    assert_eq!(md.mtime(), 981173106, "the mtime set by touch");
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    m.unmount();
+}

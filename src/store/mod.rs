@@ -192,6 +192,9 @@ pub struct StoreLimits {
     pub max_metadata_bytes: usize,
     /// Longest object key in bytes.
     pub max_key_bytes: usize,
+    /// Whether a change of an object's metadata copies its data (S3's CopyObject: the
+    /// service reads the whole object again) rather than only its record.
+    pub metadata_change_copies_data: bool,
 }
 
 impl StoreLimits {
@@ -202,6 +205,7 @@ impl StoreLimits {
         max_parts: 10_000,
         max_metadata_bytes: 2048,
         max_key_bytes: 1024,
+        metadata_change_copies_data: true,
     };
 }
 

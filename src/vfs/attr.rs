@@ -178,6 +178,9 @@ pub fn parse_time(v: &str) -> Option<SystemTime> {
 
 pub const XATTR_KEY: &str = "coffer-xattr";
 
+/// The metadata keys of a file's modification and change times.
+pub const TIME_KEYS: [&str; 4] = ["mtime", "ctime", "coffer-mtime", "coffer-ctime"];
+
 pub fn xattrs_from_metadata(meta: &Metadata) -> BTreeMap<String, Vec<u8>> {
     let Some(json) = meta.get(XATTR_KEY) else {
         return BTreeMap::new();

@@ -297,8 +297,10 @@ fn check_name(name: &str) -> FsResult<()> {
 }
 
 /// Whether every entry of `current` is in `stored` with the same value.
-fn metadata_covers(stored: &Metadata, current: &Metadata) -> bool {
-    current.iter().all(|(k, v)| stored.get(k) == Some(v))
+fn metadata_covers(stored: &Metadata, current: &Metadata, ignore_times: bool) -> bool {
+    current.iter().all(|(k, v)| {
+        stored.get(k) == Some(v) || ignore_times && attr::TIME_KEYS.contains(&k.as_str())
+    })
 }
 
 impl Vfs {
@@ -1167,9 +1169,15 @@ impl Vfs {
                     i.attr.size = fd.size();
                     i.etag = Some(info.etag.clone());
                     // Attributes stored with the data are current unless they changed since
-                    // the upload began.
+                    // the upload began. Where storing them anew copies the whole object (S3),
+                    // the times that the writes themselves moved on are left as the upload's
+                    // start stored them: a copy of a large file that was just uploaded
+                    // doubled the cost of writing it. Times set explicitly (touch, rsync,
+                    // tar) mark the inode dirty and are stored.
                     let now_meta = Self::metadata_of(i);
-                    i.meta_dirty = !metadata_covers(&stored, &now_meta);
+                    let ignore_times =
+                        self.store.limits().metadata_change_copies_data && !i.meta_dirty;
+                    i.meta_dirty = !metadata_covers(&stored, &now_meta, ignore_times);
                 }
                 Ok(())
             }

@@ -1501,6 +1501,8 @@ impl ObjectStore for LocalStore {
             min_part_size: 1,
             max_part_size: 1 << 30,
             max_parts: u64::MAX,
+            // A copy is a hard link and a new record.
+            metadata_change_copies_data: false,
             ..StoreLimits::S3
         }
     }
