@@ -383,3 +383,70 @@ async fn the_background_checkpoint_runs_by_itself() {
         0
     );
 }
+
+/// Data files (`.d`) of `key` in one replica.
+fn data_files(replica: &Path, key: &str) -> usize {
+    let mut out = Vec::new();
+    files(&replica.join("objects").join(key), &mut out);
+    out.iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "d"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_process_leaves_no_superseded_large_versions_in_an_unversioned_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, false);
+    LocalStore::init(&cfg).unwrap();
+    let big = 3 << 20; // past the journal's inline limit: stored in place, not journaled
+    for round in 0..3 {
+        let store = LocalStore::open(&cfg).unwrap();
+        store.hold_checkpoints(true);
+        for i in 0..3 {
+            store
+                .put(
+                    "big",
+                    Bytes::from(body(round * 10 + i, big)),
+                    &PutOptions::default(),
+                )
+                .await
+                .unwrap();
+        }
+        // Killed before any checkpoint ran.
+        store.abandon();
+    }
+    let store = LocalStore::open(&cfg).unwrap();
+    assert_eq!(get(&store, "big").await.unwrap(), body(22, big));
+    for r in &cfg.replicas {
+        assert_eq!(
+            data_files(r, "big"),
+            1,
+            "{}: superseded versions left",
+            r.display()
+        );
+    }
+
+    // A journaled copy links from the old version: that one must stay until a checkpoint,
+    // or the copy could not be replayed after a crash.
+    store.hold_checkpoints(true);
+    store
+        .copy("big", "copy", &CopyOptions::default())
+        .await
+        .unwrap();
+    store
+        .put("big", Bytes::from(body(99, big)), &PutOptions::default())
+        .await
+        .unwrap();
+    store.abandon();
+    // The power cut takes the copy's unsynced layout (the big versions are fsync'd in
+    // place); only the journal's link entry can bring it back.
+    for r in &cfg.replicas {
+        fs::remove_dir_all(r.join("objects").join("copy")).unwrap();
+    }
+    let store = LocalStore::open(&cfg).unwrap();
+    assert_eq!(get(&store, "copy").await.unwrap(), body(22, big));
+    assert_eq!(get(&store, "big").await.unwrap(), body(99, big));
+    for r in &cfg.replicas {
+        assert_eq!(data_files(r, "big"), 1, "{}", r.display());
+    }
+}

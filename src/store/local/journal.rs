@@ -448,6 +448,13 @@ pub struct Journal {
     checkpointing: Mutex<()>,
     /// Keys written since the last checkpoint that may have superseded versions to remove.
     to_prune: Mutex<BTreeSet<String>>,
+    /// Keys that journaled copies link their data from, each with the checkpoint epoch it
+    /// was noted in: their older versions must stay until those copies are durable in place
+    /// (a replay would link from them again).
+    link_sources: Mutex<std::collections::HashMap<String, u64>>,
+    /// Counts checkpoints begun; a source noted in epoch `e` is released by the first
+    /// checkpoint of epoch `e` or later that succeeds.
+    epoch: AtomicU64,
     /// When the oldest work not yet checkpointed appeared.
     since: Mutex<Option<Instant>>,
     /// Segments whose checkpoint failed, or that filled up before their checkpoint: kept
@@ -471,6 +478,8 @@ impl Journal {
             current: Mutex::new(None),
             checkpointing: Mutex::new(()),
             to_prune: Mutex::new(BTreeSet::new()),
+            link_sources: Mutex::new(std::collections::HashMap::new()),
+            epoch: AtomicU64::new(0),
             since: Mutex::new(None),
             retry: Mutex::new(Vec::new()),
             spares: Mutex::new(Vec::new()),
@@ -520,6 +529,18 @@ impl Journal {
         ))
     }
 
+    /// Notes that a journaled copy links from `key`'s data (call it after [`Self::begin`],
+    /// before logging the entry).
+    pub fn note_link_source(&self, key: &str) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.link_sources.lock().insert(key.to_string(), epoch);
+    }
+
+    /// Whether a journaled copy not yet checkpointed may link from `key`'s data.
+    pub fn is_link_source(&self, key: &str) -> bool {
+        self.link_sources.lock().contains_key(key)
+    }
+
     /// Notes that `key` may now have superseded versions for the next checkpoint to remove.
     pub fn defer_prune(&self, key: &str) {
         self.to_prune.lock().insert(key.to_string());
@@ -533,6 +554,7 @@ impl Journal {
         self.retry.lock().clear();
         self.spares.lock().clear();
         self.to_prune.lock().clear();
+        self.link_sources.lock().clear();
         *self.since.lock() = None;
     }
 
@@ -609,6 +631,9 @@ impl Journal {
             return Ok(());
         }
         let _one = self.checkpointing.lock();
+        // Before the segments are taken: a source noted in this epoch was noted after its
+        // writer's `begin`, so its entry is in a segment this checkpoint covers.
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel);
         let mut segments = std::mem::take(&mut *self.retry.lock());
         segments.extend(self.current.lock().take());
         *self.since.lock() = None;
@@ -645,6 +670,7 @@ impl Journal {
                         Err(s) => s.remove_files(),
                     }
                 }
+                self.link_sources.lock().retain(|_, noted| *noted > epoch);
                 self.checkpoints.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }

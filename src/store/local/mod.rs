@@ -527,17 +527,7 @@ impl Inner {
         sums.update(stored);
         let (table, digest, size) = sums.finish();
         let id = self.next_version_id();
-        let rec = MetaRecord {
-            key: key.to_string(),
-            deleted: false,
-            size,
-            block_size: BLOCK_SIZE,
-            etag: digest[..32].to_string(),
-            blake3: digest,
-            mtime_ns: now_ns(),
-            metadata,
-            sse: sse.map(|(r, _)| r),
-        };
+        let rec = MetaRecord::live(key, size, digest, metadata, sse.map(|(r, _)| r));
         let v = VersionName {
             id: id.clone(),
             deleted: false,
@@ -562,17 +552,7 @@ impl Inner {
             ..
         } = w;
         let (table, digest, size) = sums.finish();
-        let rec = MetaRecord {
-            key: key.clone(),
-            deleted: false,
-            size,
-            block_size: BLOCK_SIZE,
-            etag: digest[..32].to_string(),
-            blake3: digest,
-            mtime_ns: now_ns(),
-            metadata,
-            sse: sse.map(|(r, _)| r),
-        };
+        let rec = MetaRecord::live(&key, size, digest, metadata, sse.map(|(r, _)| r));
         let meta_bytes = record::encode_meta(&rec);
         let v = VersionName {
             id: id.clone(),
@@ -589,7 +569,7 @@ impl Inner {
         });
         let errors = failures(results, files.iter().map(|(i, _, _)| *i));
         let tmp_files: Vec<PathBuf> = files.iter().map(|(_, _, p)| p.clone()).collect();
-        self.finish_commit(&key, &v, errors, &tmp_files)?;
+        self.finish_commit(&key, &v, errors, &tmp_files, false)?;
         Ok(info_of(&rec, &id))
     }
 
@@ -614,13 +594,15 @@ impl Inner {
 
     /// After a write on every replica: if any failed, takes the version back out of all of
     /// them (record first, so it is never visible half-removed) and reports the failure;
-    /// otherwise prunes older versions of an unversioned store.
+    /// otherwise prunes older versions of an unversioned store. `journaled`: the version is
+    /// durable through the journal only, not yet in place.
     fn finish_commit(
         self: &Arc<Self>,
         key: &str,
         v: &VersionName,
         errors: Vec<(usize, io::Error)>,
         tmp_files: &[PathBuf],
+        journaled: bool,
     ) -> StoreResult<()> {
         if !errors.is_empty() {
             for tmp in tmp_files {
@@ -634,8 +616,17 @@ impl Inner {
             return Err(worst(key, errors));
         }
         if !self.versioning {
-            // Removed at the next checkpoint, once the new version is durable in place: a
-            // journaled copy may still need the old version's data file until then.
+            if !journaled && !self.journal.is_link_source(key) {
+                // Durable in place already, and no journaled copy needs the old data: pruned
+                // now. (Left to a checkpoint, a process killed first would leave the old
+                // version for good: only journaled keys are pruned by a replay.)
+                match self.prune_key(key, 1, None, false) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => warn!("{key}: removing superseded versions: {e}; retried later"),
+                }
+            }
+            // Removed at the next checkpoint, once the new version is durable in place and
+            // no journaled copy can need the old version's data file.
             self.journal.defer_prune(key);
             self.schedule_checkpoint();
         }
@@ -866,6 +857,9 @@ impl Inner {
         if created {
             self.schedule_checkpoint();
         }
+        if let Layout::Link { key: src, .. } = &layout {
+            self.journal.note_link_source(src);
+        }
         let replicas: Vec<&Replica> = self.online().collect();
         let results = for_each_parallel(&replicas, |r| {
             self.injected(r.index)?;
@@ -885,7 +879,7 @@ impl Inner {
         if full {
             self.schedule_checkpoint();
         }
-        self.finish_commit(key, v, errors, &[])
+        self.finish_commit(key, v, errors, &[], true)
     }
 
     /// A journaled version's files in one replica's layout, written without fsync. The
@@ -1047,6 +1041,10 @@ impl Inner {
                         }
                     }
                     keys.insert(e.key.clone());
+                    if let EntryData::Link { key: source, .. } = &e.data {
+                        // A source whose superseded version stayed for this copy.
+                        keys.insert(source.clone());
+                    }
                 }
                 segments.push(seg);
             }

@@ -55,6 +55,30 @@ pub struct MetaRecord {
     pub sse: Option<SseRecord>,
 }
 
+impl MetaRecord {
+    /// The record of a new live version of `key`: `size` bytes in [`BLOCK_SIZE`] blocks with
+    /// the BLAKE3 `digest` (whose first 32 hex digits are the ETag), written now.
+    pub fn live(
+        key: &str,
+        size: u64,
+        digest: String,
+        metadata: Metadata,
+        sse: Option<SseRecord>,
+    ) -> MetaRecord {
+        MetaRecord {
+            key: key.to_string(),
+            deleted: false,
+            size,
+            block_size: BLOCK_SIZE,
+            etag: digest[..32].to_string(),
+            blake3: digest,
+            mtime_ns: super::now_ns(),
+            metadata,
+            sse,
+        }
+    }
+}
+
 pub fn encode_meta(rec: &MetaRecord) -> Vec<u8> {
     let json = serde_json::to_vec(rec).expect("a MetaRecord always serializes");
     let mut out = Vec::with_capacity(json.len() + 12);
