@@ -227,6 +227,24 @@ impl ContentCipher {
         }
     }
 
+    /// Each chunk of `chunks` with its stored length (plaintext and tag), once the stored
+    /// bytes given (`stored_len`) are checked to be exactly those chunks.
+    fn stored_lengths(
+        &self,
+        chunks: std::ops::Range<u64>,
+        plain_size: u64,
+        stored_len: usize,
+    ) -> Result<Vec<(u64, usize)>, CryptError> {
+        let g = self.geometry;
+        let expected = g.stored_range(chunks.clone(), plain_size);
+        if stored_len as u64 != expected.end - expected.start {
+            return Err(CryptError::BadSize(stored_len as u64));
+        }
+        Ok(chunks
+            .map(|i| (i, (g.chunk_len(i, plain_size) + g.tag_len()) as usize))
+            .collect())
+    }
+
     /// Opens stored chunks `chunks` of a file of `plain_size` bytes, in parallel across cores.
     /// `stored` must be exactly [`Geometry::stored_range`] of those chunks. Returns one
     /// plaintext buffer per chunk.
@@ -236,16 +254,11 @@ impl ContentCipher {
         plain_size: u64,
         stored: &[u8],
     ) -> Result<Vec<Vec<u8>>, CryptError> {
-        let g = self.geometry;
-        let last_index = g.chunk_count(plain_size) - 1;
-        let expected = g.stored_range(chunks.clone(), plain_size);
-        if stored.len() as u64 != expected.end - expected.start {
-            return Err(CryptError::BadSize(stored.len() as u64));
-        }
-        let pieces: Vec<(u64, &[u8])> = chunks
-            .clone()
-            .scan(0usize, |off, i| {
-                let len = (g.chunk_len(i, plain_size) + g.tag_len()) as usize;
+        let last_index = self.geometry.chunk_count(plain_size) - 1;
+        let pieces: Vec<(u64, &[u8])> = self
+            .stored_lengths(chunks, plain_size, stored.len())?
+            .into_iter()
+            .scan(0usize, |off, (i, len)| {
                 let piece = &stored[*off..*off + len];
                 *off += len;
                 Some((i, piece))
@@ -274,18 +287,12 @@ impl ContentCipher {
         plain_size: u64,
         stored: &mut [u8],
     ) -> Result<Vec<std::ops::Range<usize>>, CryptError> {
-        let g = self.geometry;
-        let last_index = g.chunk_count(plain_size) - 1;
-        let expected = g.stored_range(chunks.clone(), plain_size);
-        if stored.len() as u64 != expected.end - expected.start {
-            return Err(CryptError::BadSize(stored.len() as u64));
-        }
-        let mut pieces: Vec<(u64, usize, &mut [u8])> =
-            Vec::with_capacity((chunks.end - chunks.start) as usize);
+        let last_index = self.geometry.chunk_count(plain_size) - 1;
+        let lengths = self.stored_lengths(chunks, plain_size, stored.len())?;
+        let mut pieces: Vec<(u64, usize, &mut [u8])> = Vec::with_capacity(lengths.len());
         let mut rest = stored;
         let mut off = 0usize;
-        for i in chunks {
-            let len = (g.chunk_len(i, plain_size) + g.tag_len()) as usize;
+        for (i, len) in lengths {
             let (piece, tail) = rest.split_at_mut(len);
             pieces.push((i, off, piece));
             off += len;

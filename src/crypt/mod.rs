@@ -189,18 +189,11 @@ impl ObjectCipher {
     ) -> Result<Vec<Vec<u8>>, CryptError> {
         match &self.cipher {
             Some(c) => c.open_chunks(chunks, plain_size, stored),
-            None => {
-                let g = self.geometry;
-                let mut off = 0usize;
-                Ok(chunks
-                    .map(|i| {
-                        let len = g.chunk_len(i, plain_size) as usize;
-                        let piece = stored[off..(off + len).min(stored.len())].to_vec();
-                        off += len;
-                        piece
-                    })
-                    .collect())
-            }
+            None => Ok(
+                plain_ranges(self.geometry, chunks, plain_size, stored.len())
+                    .map(|r| stored[r].to_vec())
+                    .collect(),
+            ),
         }
     }
 
@@ -213,7 +206,6 @@ impl ObjectCipher {
         plain_size: u64,
         stored: bytes::Bytes,
     ) -> Result<(Vec<bytes::Bytes>, usize), CryptError> {
-        let g = self.geometry;
         match &self.cipher {
             Some(c) => {
                 let mut buf = stored
@@ -225,21 +217,28 @@ impl ObjectCipher {
                 Ok((ranges.into_iter().map(|r| plain.slice(r)).collect(), held))
             }
             None => {
-                let held = stored.len();
-                let mut off = 0usize;
-                let pieces = chunks
-                    .map(|i| {
-                        let len = g.chunk_len(i, plain_size) as usize;
-                        let end = (off + len).min(stored.len());
-                        let piece = stored.slice(off.min(end)..end);
-                        off += len;
-                        piece
-                    })
+                let pieces = plain_ranges(self.geometry, chunks, plain_size, stored.len())
+                    .map(|r| stored.slice(r))
                     .collect();
-                Ok((pieces, held))
+                Ok((pieces, stored.len()))
             }
         }
     }
+}
+
+/// Where each of `chunks` lies in the `len` stored bytes of an unencrypted object (no
+/// header, no tags), cut short where those bytes end.
+fn plain_ranges(
+    g: Geometry,
+    chunks: std::ops::Range<u64>,
+    plain_size: u64,
+    len: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    chunks.scan(0usize, move |off, i| {
+        let start = (*off).min(len);
+        *off += g.chunk_len(i, plain_size) as usize;
+        Some(start..(*off).min(len))
+    })
 }
 
 /// Convenience for tests and tools: the whole plaintext of an object body.
