@@ -166,9 +166,7 @@ impl S3Options {
                 "coffer-static",
             ));
         }
-        if let Some(bundle) = &self.ca_bundle {
-            loader = loader.http_client(https_client_trusting(bundle)?);
-        }
+        loader = loader.http_client(self.http_client()?);
         let shared = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(self.path_style)
@@ -183,29 +181,66 @@ impl S3Options {
     }
 }
 
-/// An HTTPS client that trusts exactly the CAs of a PEM bundle.
-fn https_client_trusting(
-    bundle: &std::path::Path,
+impl S3Options {
+    /// coffer's HTTP client (quick ACKs, see `http`), trusting the system roots or exactly
+    /// the CAs of the PEM bundle. Behind a proxy (HTTPS_PROXY and the like), the SDK's own
+    /// client, which speaks to proxies.
+    fn http_client(&self) -> StoreResult<aws_smithy_runtime_api::client::http::SharedHttpClient> {
+        let named = |bundle: &std::path::Path| bundle.display().to_string();
+        let roots = match &self.ca_bundle {
+            Some(bundle) => super::http::Roots::Bundle(
+                std::fs::read(bundle)
+                    .map_err(|e| StoreError::io(&named(bundle), "reading the CA bundle", e))?,
+            ),
+            None => super::http::Roots::System,
+        };
+        if proxy_configured() {
+            return sdk_client(roots, self.ca_bundle.as_deref());
+        }
+        super::http::quick_ack_client(roots).map_err(|e| {
+            let what = self.ca_bundle.as_deref().map_or("TLS".into(), named);
+            StoreError::invalid(&what, e)
+        })
+    }
+}
+
+fn proxy_configured() -> bool {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
+}
+
+/// The SDK's HTTPS client, trusting the system roots or exactly the CAs of a PEM bundle.
+fn sdk_client(
+    roots: super::http::Roots,
+    bundle: Option<&std::path::Path>,
 ) -> StoreResult<aws_smithy_runtime_api::client::http::SharedHttpClient> {
     use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
-    let pem = std::fs::read(bundle)
-        .map_err(|e| StoreError::io(&bundle.display().to_string(), "reading the CA bundle", e))?;
-    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-        return Err(StoreError::invalid(
-            &bundle.display().to_string(),
-            "no PEM certificate in the CA bundle",
-        ));
-    }
-    let ctx = TlsContext::builder()
-        .with_trust_store(
+    let trust = match roots {
+        super::http::Roots::System => TrustStore::default(),
+        super::http::Roots::Bundle(pem) => {
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(StoreError::invalid(
+                    &bundle.unwrap_or("CA bundle".as_ref()).display().to_string(),
+                    "no PEM certificate in the CA bundle",
+                ));
+            }
             TrustStore::empty()
                 .with_native_roots(false)
-                .with_pem_certificate(pem),
-        )
+                .with_pem_certificate(pem)
+        }
+    };
+    let ctx = TlsContext::builder()
+        .with_trust_store(trust)
         .build()
-        .map_err(|e| {
-            StoreError::invalid(&bundle.display().to_string(), format!("CA bundle: {e}"))
-        })?;
+        .map_err(|e| StoreError::invalid("CA bundle", format!("{e}")))?;
     Ok(aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::AwsLc,

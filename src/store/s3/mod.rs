@@ -10,6 +10,7 @@
 
 pub mod config;
 mod errors;
+mod http;
 
 use std::ops::Range;
 use std::sync::Arc;
