@@ -1308,6 +1308,10 @@ fn ls(a: ReadArgs) -> Result<()> {
         if opened.s3.is_some() && prefix.is_empty() && p == &format!("{}/", volume::RESERVED_NAME) {
             continue;
         }
+        // The mount's attribute indexes (a cache of the files' metadata).
+        if prefix.is_empty() && p == &format!("{}/", coffer::vfs::ATTR_INDEX_DIR) {
+            continue;
+        }
         writeln!(out, "{:>12}  {}", "dir", &p[prefix.len()..])?;
     }
     for o in &page.objects {

@@ -246,6 +246,8 @@ pub fn run(
                 if let Err(e) = vfs.flush_all_metadata().await {
                     warn!("background attribute flush: {e}");
                 }
+                // Directories unchanged for a few seconds get their attribute index.
+                vfs.write_attr_indexes(Duration::from_secs(5)).await;
             }
         })
     };

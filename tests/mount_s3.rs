@@ -553,6 +553,93 @@ fn ls_of_ten_thousand_files_from_another_client() {
     );
     assert_eq!(after_second, after_first, "the second ls sent requests");
     m.unmount();
+    // The heads went into the directory's attribute index (written at the latest at
+    // unmount): another mount lists it cold with the listing and one get.
+    let m = g.mount(&source, dir.path(), &["--metadata-ttl", "120"]);
+    let before = requests_so_far(&m);
+    let t = std::time::Instant::now();
+    let cold = sh(&format!("ls -l '{}'", m.p("big").display()));
+    let took = t.elapsed();
+    let used = requests_so_far(&m) - before;
+    eprintln!("ls -l of 10,000 files with the index: {used} requests in {took:?}");
+    assert_eq!(cold, out, "the index gave other attributes than the heads");
+    assert!(used <= 20, "{used} requests: the index was not used");
+    m.unmount();
+}
+
+/// Attributes this mount stored come back from the index on the next cold mount; a file
+/// another client changed since (a metadata copy keeps the ETag, not the time) and files
+/// added since are read with heads, so the index never shows stale attributes.
+#[test]
+fn cold_listings_take_attributes_from_the_index_only_where_still_current() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_fuse();
+    s3::require_moto(); // boto3
+    let g = s3::garage();
+    let dir = tmp();
+    let key = dir.path().join("root.key");
+    let source = g.fresh_source("attr-index");
+    g.init(&source, &["--key", key.to_str().unwrap()]);
+    let k = ["--key", key.to_str().unwrap()];
+    let m = g.mount(&source, dir.path(), &k);
+    fs::create_dir(m.p("d")).unwrap();
+    for i in 0..40u32 {
+        let p = m.p(&format!("d/f{i:02}"));
+        fs::write(&p, vec![b'x'; i as usize * 100]).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600 + i)).unwrap();
+    }
+    sh(&format!(
+        "touch -m -d '2001-02-03 04:05:06 UTC' '{}'",
+        m.p("d/f07").display()
+    ));
+    m.unmount();
+    // Another client changes f03's mode by a metadata copy, and adds a file.
+    let prefix = source.trim_start_matches(&format!("s3://{}/", g.bucket));
+    s3::boto3(
+        g,
+        &format!(
+            "k = '{prefix}/d/f03'\n\
+             meta = s3.head_object(Bucket=bucket, Key=k)['Metadata']\n\
+             meta['mode'] = str(0o100640)\n\
+             s3.copy_object(Bucket=bucket, Key=k, CopySource={{'Bucket': bucket, 'Key': k}}, \
+             Metadata=meta, MetadataDirective='REPLACE')\n\
+             s3.put_object(Bucket=bucket, Key='{prefix}/d/other', Body=b'from elsewhere')\n"
+        ),
+    );
+    let m = g.mount(&source, dir.path(), &k);
+    let before = requests_so_far(&m);
+    let mut seen = Vec::new();
+    for e in fs::read_dir(m.p("d")).unwrap() {
+        let e = e.unwrap();
+        let md = e.metadata().unwrap();
+        seen.push((
+            e.file_name().into_string().unwrap(),
+            md.mode() & 0o7777,
+            md.len(),
+            md.mtime(),
+        ));
+    }
+    let used = requests_so_far(&m) - before;
+    seen.sort();
+    assert_eq!(seen.len(), 41);
+    for (name, mode, len, mtime) in &seen {
+        match name.as_str() {
+            // Not a coffer object (its size cannot be read in an encrypted store).
+            "other" => assert_eq!(*mode, 0o644, "a foreign file with defaults"),
+            "f03" => assert_eq!(*mode, 0o640, "the other client's mode"),
+            _ => {
+                let i: u32 = name[1..].parse().unwrap();
+                assert_eq!((*mode, *len), (0o600 + i, i as u64 * 100), "{name}");
+                if i == 7 {
+                    assert_eq!(*mtime, 981173106, "the time set by touch");
+                }
+            }
+        }
+    }
+    // A listing, the index, and heads of the two files it does not cover (and of the
+    // directory's marker).
+    assert!(used <= 6, "{used} requests for a directory of 41 files");
+    m.unmount();
 }
 
 #[test]

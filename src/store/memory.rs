@@ -47,6 +47,7 @@ impl MemoryStore {
             next_version: Arc::new(AtomicU64::new(1)),
             limits: StoreLimits {
                 min_part_size: 1,
+                listing_has_metadata: true,
                 ..StoreLimits::S3
             },
         }
@@ -230,7 +231,14 @@ impl ObjectStore for MemoryStore {
             objects: page
                 .objects
                 .iter()
-                .map(|k| Self::info(k, objects[k].last().expect("listed keys have versions")))
+                .map(|k| {
+                    let mut info =
+                        Self::info(k, objects[k].last().expect("listed keys have versions"));
+                    if !self.limits.listing_has_metadata {
+                        info.metadata = None;
+                    }
+                    info
+                })
                 .collect(),
             common_prefixes: page.common_prefixes,
             next: page.next,

@@ -195,6 +195,9 @@ pub struct StoreLimits {
     /// Whether a change of an object's metadata copies its data (S3's CopyObject: the
     /// service reads the whole object again) rather than only its record.
     pub metadata_change_copies_data: bool,
+    /// Whether a listing gives each object's user metadata (S3's does not: a HEAD per
+    /// object does, which the vfs spares with its per-directory attribute index).
+    pub listing_has_metadata: bool,
 }
 
 impl StoreLimits {
@@ -206,6 +209,7 @@ impl StoreLimits {
         max_metadata_bytes: 2048,
         max_key_bytes: 1024,
         metadata_change_copies_data: true,
+        listing_has_metadata: false,
     };
 }
 

@@ -11,6 +11,7 @@
 //! the namespace lock for reading, and renames take it for writing.
 
 pub mod attr;
+mod attr_index;
 pub mod file;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +33,8 @@ use crate::store::{
     list_all,
 };
 pub use attr::{Attr, Defaults, Kind};
+pub use attr_index::INDEX_DIR as ATTR_INDEX_DIR;
+use attr_index::{AttrIndex, IndexEntry, Listed};
 use file::{FileCtx, FileData};
 
 pub const ROOT: u64 = 1;
@@ -98,6 +101,17 @@ struct Inode {
     listed_at: Option<Instant>,
     /// The object's ETag as last listed, to tell a file changed by another client.
     etag: Option<String>,
+    /// The metadata the object is stored with, as this mount last stored or read it
+    /// (without the envelope): what the directory's attribute index records.
+    stored_meta: Option<Metadata>,
+    /// The stored version as a listing last showed it; `None` after this mount stored the
+    /// object anew, until a listing shows the new version.
+    listed: Option<Listed>,
+    /// A directory whose attribute index is out of date, and when it last changed.
+    index_stale_since: Option<Instant>,
+    /// A metadata copy of this file is on its way: a listing may show the new version
+    /// while `stored_meta` still holds the old attributes.
+    meta_in_flight: bool,
 }
 
 impl Inode {
@@ -120,6 +134,10 @@ impl Inode {
             load_lock: Arc::new(AsyncMutex::new(())),
             listed_at: None,
             etag: None,
+            stored_meta: None,
+            listed: None,
+            index_stale_since: None,
+            meta_in_flight: false,
         }
     }
 }
@@ -296,6 +314,12 @@ fn check_name(name: &str) -> FsResult<()> {
     Ok(())
 }
 
+/// Metadata as the attribute index keeps it: the wrapped data key stays with its object.
+fn without_envelope(mut m: Metadata) -> Metadata {
+    m.remove(crate::crypt::envelope::METADATA_KEY);
+    m
+}
+
 /// Whether every entry of `current` is in `stored` with the same value.
 fn metadata_covers(stored: &Metadata, current: &Metadata, ignore_times: bool) -> bool {
     current.iter().all(|(k, v)| {
@@ -463,6 +487,13 @@ impl Vfs {
             },
         )
         .await?;
+        let without_metadata = page.objects.iter().filter(|o| o.metadata.is_none()).count();
+        let index = if without_metadata >= attr_index::MIN_ENTRIES {
+            self.load_attr_index(&prefix).await
+        } else {
+            None
+        };
+        let mut index_misses = 0;
         let g = self.crypt.geometry();
         let d = self.cfg.defaults;
         let mut entries: BTreeMap<String, Inode> = BTreeMap::new();
@@ -470,7 +501,8 @@ impl Vfs {
         let reserved = |name: &str| {
             dir == ROOT
                 && (self.cfg.reserved_root_name.as_deref() == Some(name)
-                    || name == OPEN_DELETED_DIR)
+                    || name == OPEN_DELETED_DIR
+                    || name == attr_index::INDEX_DIR)
         };
         for p in &page.common_prefixes {
             let name = p[prefix.len()..].trim_end_matches('/');
@@ -506,9 +538,18 @@ impl Vfs {
                 warn!("{}: hidden by a directory of the same name", o.key);
                 continue;
             }
+            let listed = Listed::new(&o.etag, o.size, o.mtime);
+            let metadata = o.metadata.clone().or_else(|| {
+                let found = index
+                    .as_ref()
+                    .and_then(|x| x.lookup(name, &listed))
+                    .cloned();
+                index_misses += usize::from(found.is_none());
+                found
+            });
             let mut attr = Attr::from_metadata(
                 Kind::File,
-                o.metadata.as_ref().unwrap_or(&Metadata::new()),
+                metadata.as_ref().unwrap_or(&Metadata::new()),
                 o.mtime,
                 &d,
             );
@@ -518,11 +559,13 @@ impl Vfs {
             });
             let mut inode = Inode::new(dir, name.to_string(), attr);
             inode.etag = Some(o.etag.clone());
-            if let Some(m) = &o.metadata {
+            inode.listed = Some(listed);
+            if let Some(m) = &metadata {
                 inode.xattrs = attr::xattrs_from_metadata(m);
             } else {
                 inode.attr_loaded = false;
             }
+            inode.stored_meta = metadata;
             inode.file = Some(Arc::new(AsyncMutex::new(FileData::existing(
                 inode.attr.size,
             ))));
@@ -550,7 +593,12 @@ impl Vfs {
                 t.insert(dir, &name, inode);
             }
         }
-        t.get_mut(dir)?.listed_at = Some(Instant::now());
+        let i = t.get_mut(dir)?;
+        i.listed_at = Some(Instant::now());
+        if index_misses >= attr_index::MIN_ENTRIES {
+            // The heads that fill these in make the index worth writing.
+            i.index_stale_since = Some(Instant::now());
+        }
         Ok(())
     }
 
@@ -582,6 +630,8 @@ impl Vfs {
                         i.xattrs = new.xattrs;
                         i.file = new.file;
                         i.etag = new.etag;
+                        i.stored_meta = new.stored_meta;
+                        i.listed = new.listed;
                     }
                 }
             }
@@ -610,18 +660,19 @@ impl Vfs {
         };
         let d = self.cfg.defaults;
         let head = self.store.head(&key, &self.get_opts()).await;
-        let (attr, xattrs) = match head {
+        let (attr, xattrs, stored) = match head {
             Ok(info) => {
                 let m = info.metadata.clone().unwrap_or_default();
                 let mut a = Attr::from_metadata(kind, &m, info.mtime, &d);
                 if kind != Kind::Dir {
                     a.size = self.crypt.geometry().plain_size(info.size).unwrap_or(0);
                 }
-                (a, attr::xattrs_from_metadata(&m))
+                (a, attr::xattrs_from_metadata(&m), Some((info.etag, m)))
             }
             Err(StoreError::NotFound { .. }) if kind == Kind::Dir => (
                 Attr::new(Kind::Dir, d.dir_perm, d.uid, d.gid),
                 BTreeMap::new(),
+                None,
             ),
             Err(e) => return Err(e.into()),
         };
@@ -631,8 +682,172 @@ impl Vfs {
             i.attr = attr;
             i.xattrs = xattrs;
             i.attr_loaded = true;
+            // Recorded for the index only if the head found the version the listing showed.
+            if let Some((etag, m)) = stored
+                && i.etag.as_deref() == Some(etag.as_str())
+            {
+                i.stored_meta = Some(without_envelope(m));
+                // A directory whose heads are still coming is not quiet yet.
+                let parent = i.parent;
+                if let Ok(p) = t.get_mut(parent)
+                    && p.index_stale_since.is_some()
+                {
+                    p.index_stale_since = Some(Instant::now());
+                }
+            }
         }
         Ok(())
+    }
+
+    // ---- attribute indexes (see attr_index) ---------------------------------------------
+
+    /// The stored attribute index of a directory, if there is a usable one.
+    async fn load_attr_index(&self, dir_prefix: &str) -> Option<AttrIndex> {
+        let key = attr_index::index_key(&self.cfg.prefix, dir_prefix);
+        match self.store.get(&key, None, &self.get_opts()).await {
+            Ok(got) => match AttrIndex::parse(&got.body, dir_prefix) {
+                Ok(index) => Some(index),
+                Err(e) => {
+                    warn!("{key}: attribute index of {dir_prefix:?} not used: {e}");
+                    None
+                }
+            },
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => {
+                warn!("{key}: attribute index of {dir_prefix:?} not read: {e}");
+                None
+            }
+        }
+    }
+
+    /// Marks a directory's index out of date (on stores whose listings lack metadata).
+    fn note_index_stale(&self, t: &mut Table, dir: u64) {
+        if self.store.limits().listing_has_metadata {
+            return;
+        }
+        if let Ok(d) = t.get_mut(dir) {
+            d.index_stale_since = Some(Instant::now());
+        }
+    }
+
+    /// Writes the indexes of the directories out of date for at least `quiet` (every one at
+    /// unmount; periodically only those a while unchanged, so that a directory being filled
+    /// is not indexed again and again). Failures are logged: an index only spares heads.
+    pub async fn write_attr_indexes(&self, quiet: Duration) {
+        if self.cfg.read_only || self.store.limits().listing_has_metadata {
+            return;
+        }
+        let due: Vec<u64> = self
+            .table
+            .lock()
+            .inodes
+            .iter()
+            .filter(|(_, i)| {
+                i.children.is_some()
+                    && !i.unlinked
+                    && i.index_stale_since.is_some_and(|t| t.elapsed() >= quiet)
+            })
+            .map(|(ino, _)| *ino)
+            .collect();
+        for dir in due {
+            if let Err(e) = self.write_attr_index(dir).await {
+                warn!("writing an attribute index: {e}");
+            }
+        }
+    }
+
+    async fn write_attr_index(&self, dir: u64) -> FsResult<()> {
+        let (prefix, stale_since) = {
+            let mut t = self.table.lock();
+            let path = t.path(dir)?;
+            let i = t.get_mut(dir)?;
+            (self.dir_prefix(&path), i.index_stale_since.take())
+        };
+        // A fresh listing gives each object's last-modified time, which a put does not
+        // return; the inodes give the metadata this mount stored or read for that version.
+        let page = match list_all(
+            self.store.as_ref(),
+            ListRequest {
+                prefix: prefix.clone(),
+                delimiter: Some('/'),
+                ..Default::default()
+            },
+        )
+        .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                self.restale(dir, stale_since);
+                return Err(e.into());
+            }
+        };
+        if !(attr_index::MIN_ENTRIES..=attr_index::MAX_ENTRIES).contains(&page.objects.len()) {
+            return Ok(());
+        }
+        let mut index = AttrIndex::new(&prefix);
+        {
+            let mut t = self.table.lock();
+            let Some(children) = t.get(dir)?.children.clone() else {
+                return Ok(());
+            };
+            for o in &page.objects {
+                let name = &o.key[prefix.len()..];
+                let Some(i) = children.get(name).and_then(|ino| t.inodes.get_mut(ino)) else {
+                    continue;
+                };
+                let current = i.attr.kind == Kind::File
+                    && !i.meta_dirty
+                    && !i.meta_in_flight
+                    && i.open == 0
+                    && i.etag.as_deref() == Some(o.etag.as_str());
+                let Some(meta) = i.stored_meta.as_ref().filter(|_| current) else {
+                    continue;
+                };
+                let listed = Listed::new(&o.etag, o.size, o.mtime);
+                match &i.listed {
+                    // Stored anew by this mount: this is its first listing.
+                    None => i.listed = Some(listed.clone()),
+                    // The same ETag at another time: another client copied it (a metadata
+                    // change); its attributes are not the ones this mount knows.
+                    Some(known) if *known != listed => continue,
+                    Some(_) => {}
+                }
+                index.entries.insert(
+                    name.to_string(),
+                    IndexEntry {
+                        listed,
+                        meta: meta.clone(),
+                    },
+                );
+            }
+        }
+        if self.table.lock().get(dir)?.index_stale_since.is_some() {
+            // Changed while the listing ran: written once it has been quiet again. (A change
+            // that the listing shows but the inodes do not yet is not taken: its ETag or
+            // time differs, or its copy is in flight.)
+            return Ok(());
+        }
+        if index.entries.len() < attr_index::MIN_ENTRIES {
+            return Ok(());
+        }
+        let key = attr_index::index_key(&self.cfg.prefix, &prefix);
+        let opts = PutOptions {
+            metadata: Metadata::new(),
+            sse: self.cfg.sse.clone(),
+            checksum: None,
+        };
+        if let Err(e) = self.store.put(&key, index.to_bytes().into(), &opts).await {
+            self.restale(dir, stale_since);
+            return Err(FsError::from(e));
+        }
+        Ok(())
+    }
+
+    /// Puts back a directory's out-of-date mark that a failed or skipped write took.
+    fn restale(&self, dir: u64, since: Option<Instant>) {
+        if let Ok(i) = self.table.lock().get_mut(dir) {
+            i.index_stale_since = i.index_stale_since.or(since);
+        }
     }
 
     /// The inode of an existing entry of a directory (ENOENT if there is none).
@@ -781,7 +996,9 @@ impl Vfs {
 
     fn check_not_reserved(&self, parent: u64, name: &str) -> FsResult<()> {
         if parent == ROOT
-            && (self.cfg.reserved_root_name.as_deref() == Some(name) || name == OPEN_DELETED_DIR)
+            && (self.cfg.reserved_root_name.as_deref() == Some(name)
+                || name == OPEN_DELETED_DIR
+                || name == attr_index::INDEX_DIR)
         {
             return Err(FsError::new(
                 libc::EPERM,
@@ -976,6 +1193,13 @@ impl Vfs {
         };
         if exists {
             self.store.delete(&key).await?;
+        }
+        if dir && !self.store.limits().listing_has_metadata {
+            // Best effort: a left-over index matches nothing a new directory lists.
+            let index = attr_index::index_key(&self.cfg.prefix, &key);
+            if let Err(e) = self.store.delete(&index).await {
+                warn!("{index}: deleting the attribute index of {key:?}: {e}");
+            }
         }
         let mut t = self.table.lock();
         if let Some(c) = t.inodes.get_mut(&parent).and_then(|p| p.children.as_mut()) {
@@ -1178,6 +1402,10 @@ impl Vfs {
                     let ignore_times =
                         self.store.limits().metadata_change_copies_data && !i.meta_dirty;
                     i.meta_dirty = !metadata_covers(&stored, &now_meta, ignore_times);
+                    i.stored_meta = Some(without_envelope(stored));
+                    i.listed = None;
+                    let parent = i.parent;
+                    self.note_index_stale(&mut t, parent);
                 }
                 Ok(())
             }
@@ -1332,16 +1560,32 @@ impl Vfs {
                         return Ok(());
                     }
                 }
-                self.copy_with_metadata(&key, &key, meta).await.map(|_| ())
+                if let Ok(i) = self.table.lock().get_mut(ino) {
+                    i.meta_in_flight = true;
+                }
+                let copied = self.copy_with_metadata(&key, &key, meta).await.map(|_| ());
+                if let Ok(i) = self.table.lock().get_mut(ino) {
+                    i.meta_in_flight = false;
+                    if copied.is_ok() {
+                        i.stored_meta = Some(written.clone());
+                        i.listed = None;
+                    }
+                }
+                copied
             }
         };
         match &result {
             Ok(()) => {
-                // Clean only if nothing changed while the attributes were being written.
-                if let Ok(i) = self.table.lock().get_mut(ino)
-                    && Self::metadata_of(i) == written
-                {
-                    i.meta_dirty = false;
+                let mut t = self.table.lock();
+                if let Ok(i) = t.get_mut(ino) {
+                    // Clean only if nothing changed while the attributes were being written.
+                    if Self::metadata_of(i) == written {
+                        i.meta_dirty = false;
+                    }
+                    let parent = i.parent;
+                    if kind != Kind::Dir {
+                        self.note_index_stale(&mut t, parent);
+                    }
                 }
             }
             Err(e) => error!("{key}: storing attributes failed: {e}"),
@@ -1412,6 +1656,7 @@ impl Vfs {
         if let Err(e) = self.flush_all_metadata().await {
             first_err.get_or_insert(e);
         }
+        self.write_attr_indexes(Duration::ZERO).await;
         if let Err(e) = self.store.flush().await {
             first_err.get_or_insert(e.into());
         }
@@ -1517,15 +1762,20 @@ impl Vfs {
                 None => true,
             };
             if exists {
+                let stored = meta.clone();
                 let copied = self.copy_with_metadata(&old_key, &new_key, meta).await?;
                 self.store.delete(&old_key).await?;
                 if let Some(f) = &file {
                     f.lock().await.reset_committed();
                 }
                 // The copy is what listings show from now on: not a change by another client.
-                if let Ok(i) = self.table.lock().get_mut(ino) {
+                let mut t = self.table.lock();
+                if let Ok(i) = t.get_mut(ino) {
                     i.etag = Some(copied.etag);
+                    i.stored_meta = Some(stored);
+                    i.listed = None;
                 }
+                self.note_index_stale(&mut t, newparent);
             }
             if let Some(t_ino) = target {
                 self.detach(newparent, newname, t_ino);

@@ -1501,6 +1501,7 @@ impl ObjectStore for LocalStore {
             max_parts: u64::MAX,
             // A copy is a hard link and a new record.
             metadata_change_copies_data: false,
+            listing_has_metadata: true,
             ..StoreLimits::S3
         }
     }
