@@ -32,7 +32,8 @@ impl BufferPool {
         }
     }
 
-    /// An empty buffer with room for at least `capacity` bytes.
+    /// A buffer with room for at least `capacity` bytes: empty, or as [`Self::give_filled`]
+    /// gave it back.
     pub fn take(&self) -> Vec<u8> {
         match self.idle.lock().pop() {
             Some(v) => v,
@@ -53,10 +54,16 @@ impl BufferPool {
     /// Gives a buffer back for reuse (dropped if the pool is full or it is of another size:
     /// a buffer that grew stays out, so the pool's memory stays bounded).
     pub fn give(&self, mut v: Vec<u8>) {
+        v.clear();
+        self.give_filled(v);
+    }
+
+    /// [`Self::give`], keeping the contents: for a taker that overwrites them (a memset of
+    /// a whole buffer saved per use).
+    pub fn give_filled(&self, v: Vec<u8>) {
         if v.capacity() < self.capacity || v.capacity() > 2 * self.capacity {
             return;
         }
-        v.clear();
         let mut idle = self.idle.lock();
         if idle.len() < self.keep {
             idle.push(v);

@@ -120,7 +120,7 @@ impl StreamingWriter {
                 }
                 // The store is done with the part: its buffer seals the next one.
                 if let Ok(buf) = ours.try_into_mut() {
-                    SEALED_BUFFERS.give(buf.into());
+                    SEALED_BUFFERS.give_filled(buf.into());
                 }
             }
             upload.complete().await
@@ -222,10 +222,14 @@ impl StreamingWriter {
             } else {
                 Vec::new()
             };
-            if with_header {
-                out.extend_from_slice(cipher.header());
-            }
-            cipher.seal_into(first, &plaintext, ends_file, &mut out);
+            // A reused buffer still holds its last part: sealed over, not zeroed first.
+            let at = if with_header {
+                cipher.header().len()
+            } else {
+                0
+            };
+            cipher.seal_at(first, &plaintext, ends_file, &mut out, at);
+            out[..at].copy_from_slice(&cipher.header()[..at]);
             PART_BUFFERS.give(plaintext);
             out
         }

