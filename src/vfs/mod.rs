@@ -565,7 +565,7 @@ impl Vfs {
             } else {
                 inode.attr_loaded = false;
             }
-            inode.stored_meta = metadata;
+            inode.stored_meta = metadata.and_then(|m| self.for_index(m));
             inode.file = Some(Arc::new(AsyncMutex::new(FileData::existing(
                 inode.attr.size,
             ))));
@@ -686,7 +686,7 @@ impl Vfs {
             if let Some((etag, m)) = stored
                 && i.etag.as_deref() == Some(etag.as_str())
             {
-                i.stored_meta = Some(without_envelope(m));
+                i.stored_meta = self.for_index(without_envelope(m));
                 // A directory whose heads are still coming is not quiet yet.
                 let parent = i.parent;
                 if let Ok(p) = t.get_mut(parent)
@@ -718,6 +718,12 @@ impl Vfs {
                 None
             }
         }
+    }
+
+    /// Stored metadata as an inode keeps it for its directory's index: only where there are
+    /// indexes (a copy per file would otherwise cost memory for nothing).
+    fn for_index(&self, m: Metadata) -> Option<Metadata> {
+        (!self.store.limits().listing_has_metadata).then_some(m)
     }
 
     /// Marks a directory's index out of date (on stores whose listings lack metadata).
@@ -1397,7 +1403,7 @@ impl Vfs {
                     let ignore_times =
                         self.store.limits().metadata_change_copies_data && !i.meta_dirty;
                     i.meta_dirty = !metadata_covers(&stored, &now_meta, ignore_times);
-                    i.stored_meta = Some(without_envelope(stored));
+                    i.stored_meta = self.for_index(without_envelope(stored));
                     i.listed = None;
                     let parent = i.parent;
                     self.note_index_stale(&mut t, parent);
@@ -1562,7 +1568,7 @@ impl Vfs {
                 if let Ok(i) = self.table.lock().get_mut(ino) {
                     i.meta_in_flight = false;
                     if copied.is_ok() {
-                        i.stored_meta = Some(written.clone());
+                        i.stored_meta = self.for_index(written.clone());
                         i.listed = None;
                     }
                 }
@@ -1771,7 +1777,7 @@ impl Vfs {
                 let mut t = self.table.lock();
                 if let Ok(i) = t.get_mut(ino) {
                     i.etag = Some(copied.etag);
-                    i.stored_meta = Some(stored);
+                    i.stored_meta = self.for_index(stored);
                     i.listed = None;
                 }
                 self.note_index_stale(&mut t, newparent);

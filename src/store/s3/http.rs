@@ -13,6 +13,7 @@
 //! about what the SDK's adapter does: request and response conversion, error kinds for the
 //! retry policy, connection capture so a failed connection is not reused).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -23,10 +24,12 @@ use std::time::Duration;
 
 use aws_smithy_runtime_api::client::connection::{CaptureSmithyConnection, ConnectionMetadata};
 use aws_smithy_runtime_api::client::http::{
-    HttpConnector, HttpConnectorFuture, SharedHttpClient, SharedHttpConnector, http_client_fn,
+    HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
+    SharedHttpConnector,
 };
 use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
 use aws_smithy_runtime_api::client::result::ConnectorError;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::retry::ErrorKind;
 use hyper::Uri;
@@ -38,6 +41,7 @@ use hyper_util::client::legacy::connect::{
     capture_connection,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
@@ -53,15 +57,43 @@ pub enum Roots {
     Bundle(Vec<u8>),
 }
 
-/// A client for the SDK whose connections ask for quick ACKs. `connect_timeout` applies when
-/// the SDK's settings carry none.
+/// A client for the SDK whose connections ask for quick ACKs. It applies the SDK's connect
+/// timeout; each attempt as a whole is bounded by the SDK's attempt timeout.
 pub fn quick_ack_client(roots: Roots) -> Result<SharedHttpClient, String> {
-    let tls = tls_config(roots)?;
-    Ok(http_client_fn(move |settings, _components| {
-        let connect_timeout = settings.connect_timeout();
-        // The SDK asks once per client configuration; the pool lives in the connector.
-        SharedHttpConnector::new(QuickAckHttp::new(tls.clone(), connect_timeout))
+    Ok(SharedHttpClient::new(QuickAckClient {
+        tls: tls_config(roots)?,
+        connectors: Mutex::new(HashMap::new()),
     }))
+}
+
+/// The SDK asks its client for a connector before every request: one connector (and so one
+/// connection pool) is kept per connect timeout, or every request would open a connection.
+#[derive(Debug)]
+struct QuickAckClient {
+    tls: Arc<rustls::ClientConfig>,
+    connectors: Mutex<HashMap<Option<Duration>, SharedHttpConnector>>,
+}
+
+impl HttpClient for QuickAckClient {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        _components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        self.connector_for(settings.connect_timeout())
+    }
+}
+
+impl QuickAckClient {
+    fn connector_for(&self, timeout: Option<Duration>) -> SharedHttpConnector {
+        self.connectors
+            .lock()
+            .entry(timeout)
+            .or_insert_with(|| {
+                SharedHttpConnector::new(QuickAckHttp::new(self.tls.clone(), timeout))
+            })
+            .clone()
+    }
 }
 
 /// System roots are read once: loading them costs a few milliseconds per call.
@@ -321,6 +353,21 @@ impl Connection for QuickAckStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests share a connection pool: the connector is made once per connect timeout.
+    #[tokio::test]
+    async fn one_connector_per_connect_timeout() {
+        let client = QuickAckClient {
+            tls: tls_config(Roots::System).unwrap(),
+            connectors: Mutex::new(HashMap::new()),
+        };
+        for _ in 0..3 {
+            client.connector_for(Some(Duration::from_secs(10)));
+        }
+        assert_eq!(client.connectors.lock().len(), 1);
+        client.connector_for(None);
+        assert_eq!(client.connectors.lock().len(), 2);
+    }
 
     #[test]
     fn a_bundle_without_certificates_is_refused() {
