@@ -167,8 +167,7 @@ impl ContentCipher {
             plaintext.chunks(c).collect()
         };
         let n = pieces.len();
-        let start = at;
-        let need = start + plaintext.len() + n * TAG_LEN;
+        let need = at + plaintext.len() + n * TAG_LEN;
         if out.len() >= need {
             out.truncate(need);
         } else {
@@ -176,7 +175,7 @@ impl ContentCipher {
         }
         // Every output slot has a known size, so the chunks seal in place in parallel.
         let mut slots: Vec<&mut [u8]> = Vec::with_capacity(n);
-        let mut rest = &mut out[start..];
+        let mut rest = &mut out[at..];
         for p in &pieces {
             let (slot, tail) = rest.split_at_mut(p.len() + TAG_LEN);
             slots.push(slot);

@@ -498,12 +498,7 @@ impl Vfs {
         let d = self.cfg.defaults;
         let mut entries: BTreeMap<String, Inode> = BTreeMap::new();
         let mut own_marker = None;
-        let reserved = |name: &str| {
-            dir == ROOT
-                && (self.cfg.reserved_root_name.as_deref() == Some(name)
-                    || name == OPEN_DELETED_DIR
-                    || name == attr_index::INDEX_DIR)
-        };
+        let reserved = |name: &str| self.is_reserved(dir, name);
         for p in &page.common_prefixes {
             let name = p[prefix.len()..].trim_end_matches('/');
             if reserved(name) {
@@ -726,6 +721,17 @@ impl Vfs {
         (!self.store.limits().listing_has_metadata).then_some(m)
     }
 
+    /// After this mount stored a file's object anew (its data, its metadata, or a rename's
+    /// copy into `dir`): the metadata its index entry is to record, known once a listing
+    /// shows the new version, and `dir`'s index out of date.
+    fn note_stored(&self, t: &mut Table, ino: u64, dir: u64, meta: Metadata) {
+        if let Ok(i) = t.get_mut(ino) {
+            i.stored_meta = self.for_index(meta);
+            i.listed = None;
+        }
+        self.note_index_stale(t, dir);
+    }
+
     /// Marks a directory's index out of date (on stores whose listings lack metadata).
     fn note_index_stale(&self, t: &mut Table, dir: u64) {
         if self.store.limits().listing_has_metadata {
@@ -774,7 +780,7 @@ impl Vfs {
         };
         // A fresh listing gives each object's last-modified time, which a put does not
         // return; the inodes give the metadata this mount stored or read for that version.
-        let page = match list_all(
+        let page = list_all(
             self.store.as_ref(),
             ListRequest {
                 prefix: prefix.clone(),
@@ -782,11 +788,7 @@ impl Vfs {
                 ..Default::default()
             },
         )
-        .await
-        {
-            Ok(page) => page,
-            Err(e) => return Err(e.into()),
-        };
+        .await?;
         if !(attr_index::MIN_ENTRIES..=attr_index::MAX_ENTRIES).contains(&page.objects.len()) {
             return Ok(());
         }
@@ -995,12 +997,16 @@ impl Vfs {
         Ok((ino, path))
     }
 
-    fn check_not_reserved(&self, parent: u64, name: &str) -> FsResult<()> {
-        if parent == ROOT
+    /// Whether `name` in `parent` is one of the store's own names the mount hides.
+    fn is_reserved(&self, parent: u64, name: &str) -> bool {
+        parent == ROOT
             && (self.cfg.reserved_root_name.as_deref() == Some(name)
                 || name == OPEN_DELETED_DIR
                 || name == attr_index::INDEX_DIR)
-        {
+    }
+
+    fn check_not_reserved(&self, parent: u64, name: &str) -> FsResult<()> {
+        if self.is_reserved(parent, name) {
             return Err(FsError::new(
                 libc::EPERM,
                 format!("{name} is reserved for the store's own data"),
@@ -1403,10 +1409,8 @@ impl Vfs {
                     let ignore_times =
                         self.store.limits().metadata_change_copies_data && !i.meta_dirty;
                     i.meta_dirty = !metadata_covers(&stored, &now_meta, ignore_times);
-                    i.stored_meta = self.for_index(without_envelope(stored));
-                    i.listed = None;
                     let parent = i.parent;
-                    self.note_index_stale(&mut t, parent);
+                    self.note_stored(&mut t, ino, parent, without_envelope(stored));
                 }
                 Ok(())
             }
@@ -1565,11 +1569,12 @@ impl Vfs {
                     i.meta_in_flight = true;
                 }
                 let copied = self.copy_with_metadata(&key, &key, meta).await.map(|_| ());
-                if let Ok(i) = self.table.lock().get_mut(ino) {
+                let mut t = self.table.lock();
+                if let Ok(i) = t.get_mut(ino) {
                     i.meta_in_flight = false;
+                    let parent = i.parent;
                     if copied.is_ok() {
-                        i.stored_meta = self.for_index(written.clone());
-                        i.listed = None;
+                        self.note_stored(&mut t, ino, parent, written.clone());
                     }
                 }
                 copied
@@ -1577,16 +1582,11 @@ impl Vfs {
         };
         match &result {
             Ok(()) => {
-                let mut t = self.table.lock();
-                if let Ok(i) = t.get_mut(ino) {
-                    // Clean only if nothing changed while the attributes were being written.
-                    if Self::metadata_of(i) == written {
-                        i.meta_dirty = false;
-                    }
-                    let parent = i.parent;
-                    if kind != Kind::Dir {
-                        self.note_index_stale(&mut t, parent);
-                    }
+                // Clean only if nothing changed while the attributes were being written.
+                if let Ok(i) = self.table.lock().get_mut(ino)
+                    && Self::metadata_of(i) == written
+                {
+                    i.meta_dirty = false;
                 }
             }
             Err(e) => error!("{key}: storing attributes failed: {e}"),
@@ -1777,10 +1777,8 @@ impl Vfs {
                 let mut t = self.table.lock();
                 if let Ok(i) = t.get_mut(ino) {
                     i.etag = Some(copied.etag);
-                    i.stored_meta = self.for_index(stored);
-                    i.listed = None;
                 }
-                self.note_index_stale(&mut t, newparent);
+                self.note_stored(&mut t, ino, newparent, stored);
             }
             if let Some(t_ino) = target {
                 self.detach(newparent, newname, t_ino);

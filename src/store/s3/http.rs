@@ -213,41 +213,27 @@ fn connection_metadata(captured: &CaptureConnection) -> Option<ConnectionMetadat
 /// resets, refused connections and timeouts and nothing else.
 fn connector_error(e: hyper_util::client::legacy::Error) -> ConnectorError {
     let has_io = source_of::<io::Error>(&e).is_some();
-    let kind = if e.is_connect() {
-        Kind::Io
+    let other: fn(BoxError) -> ConnectorError = |e| ConnectorError::other(e, None);
+    let make: fn(BoxError) -> ConnectorError = if e.is_connect() {
+        ConnectorError::io
     } else if let Some(h) = source_of::<hyper::Error>(&e) {
         if h.is_timeout() {
-            Kind::Timeout
+            ConnectorError::timeout
         } else if h.is_user() {
-            Kind::User
+            ConnectorError::user
         } else if h.is_closed() || h.is_canceled() || has_io {
-            Kind::Io
+            ConnectorError::io
         } else if h.is_incomplete_message() {
-            Kind::Transient
+            |e| ConnectorError::other(e, Some(ErrorKind::TransientError))
         } else {
-            Kind::Other
+            other
         }
     } else if has_io {
-        Kind::Io
+        ConnectorError::io
     } else {
-        Kind::Other
+        other
     };
-    let e: BoxError = Box::new(e);
-    match kind {
-        Kind::Io => ConnectorError::io(e),
-        Kind::Timeout => ConnectorError::timeout(e),
-        Kind::User => ConnectorError::user(e),
-        Kind::Transient => ConnectorError::other(e, Some(ErrorKind::TransientError)),
-        Kind::Other => ConnectorError::other(e, None),
-    }
-}
-
-enum Kind {
-    Io,
-    Timeout,
-    User,
-    Transient,
-    Other,
+    make(Box::new(e))
 }
 
 fn source_of<'a, E: std::error::Error + 'static>(
