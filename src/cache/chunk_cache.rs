@@ -135,6 +135,10 @@ impl ChunkCache {
         self.inner.lock().bytes
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Shrinks to at most `target` bytes (used when memory runs short).
     pub fn shrink_to(&self, target: usize) {
         self.inner.lock().shrink_to(target);

@@ -1,5 +1,6 @@
-//! A global memory budget for write buffers: writers wait while it is spent (slowing them
-//! down instead of growing without bound), in units of 64 KiB.
+//! A global memory budget for write buffers and read-ahead, in units of 64 KiB: writers wait
+//! while it is spent (slowing them down instead of growing without bound), read-ahead takes
+//! only what is free (it is an optimisation, and waiting for it would delay nobody's data).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,7 +66,19 @@ impl MemoryBudget {
         }
     }
 
-    /// Bytes not reserved now.
+    /// Reserves `bytes` if they are free now.
+    pub fn try_reserve(&self, bytes: usize) -> Option<Reservation> {
+        let n = bytes.div_ceil(UNIT).min(self.units as usize) as u32;
+        if n == 0 {
+            return Some(Reservation::none());
+        }
+        self.sem
+            .clone()
+            .try_acquire_many_owned(n)
+            .ok()
+            .map(|p| Reservation(Some(p)))
+    }
+
     /// Bytes reserved now.
     pub fn in_use(&self) -> usize {
         (self.units as usize - self.sem.available_permits()) * UNIT
@@ -97,5 +110,15 @@ mod tests {
         let r = b.reserve(UNIT).await;
         assert_eq!(r.bytes(), 0);
         assert_eq!(b.overruns.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn try_reserve_takes_only_what_is_free() {
+        let b = MemoryBudget::new(4 * UNIT);
+        let r = b.try_reserve(3 * UNIT).expect("free");
+        assert!(b.try_reserve(2 * UNIT).is_none());
+        assert_eq!(b.try_reserve(UNIT).expect("one unit left").bytes(), UNIT);
+        drop(r);
+        assert_eq!(b.available(), 4 * UNIT);
     }
 }

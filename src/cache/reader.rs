@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::ChunkCache;
 use super::buffers::READ_BUFFERS;
+use super::memory::{MemoryBudget, Reservation};
 use crate::crypt::{Crypt, ObjectCipher};
 use crate::error::{FsError, FsResult};
 use crate::store::{GetOptions, ObjectInfo, ObjectStore};
@@ -157,6 +158,63 @@ impl CommittedObject {
         Ok(opened)
     }
 
+    /// Claims the chunks of `chunks` that are neither cached nor being fetched, as runs of at
+    /// most [`SEGMENT_BYTES`] of ciphertext each. Returns what the cache has (by position in
+    /// `chunks`), the claims, and a receiver per chunk another fetch is bringing in.
+    fn claim(
+        &self,
+        cache: &ChunkCache,
+        chunks: Range<u64>,
+    ) -> (
+        Vec<Option<Bytes>>,
+        Vec<InFlightGuard<'_>>,
+        Vec<watch::Receiver<bool>>,
+    ) {
+        let g = self.cipher.geometry();
+        let cached: Vec<Option<Bytes>> = chunks
+            .clone()
+            .map(|i| cache.get(&(self.cache_id, i)))
+            .collect();
+        let mut ours: Vec<Range<u64>> = Vec::new();
+        let mut theirs: Vec<watch::Receiver<bool>> = Vec::new();
+        let mut inflight = self.inflight.lock();
+        let seg_chunks = (SEGMENT_BYTES / g.chunk).max(1);
+        for (j, i) in chunks.enumerate() {
+            if cached[j].is_some() {
+                continue;
+            }
+            if let Some(rx) = inflight.get(&i) {
+                theirs.push(rx.clone());
+                continue;
+            }
+            match ours.last_mut() {
+                Some(r) if r.end == i && r.end - r.start < seg_chunks => r.end += 1,
+                _ => ours.push(i..i + 1),
+            }
+        }
+        let guards = ours
+            .into_iter()
+            .map(|run| {
+                let (tx, rx) = watch::channel(false);
+                for i in run.clone() {
+                    inflight.insert(i, rx.clone());
+                }
+                InFlightGuard {
+                    obj: self,
+                    run,
+                    _done: tx,
+                }
+            })
+            .collect();
+        (cached, guards, theirs)
+    }
+
+    /// The chunks of `chunks` clamped to the object.
+    fn clamp(&self, chunks: Range<u64>) -> Range<u64> {
+        let count = self.cipher.geometry().chunk_count(self.plain_size);
+        chunks.start..chunks.end.min(count)
+    }
+
     /// The plaintext of `chunks` (clamped to the object), one buffer per chunk: from the
     /// cache where it has them, by waiting for a fetch already in flight (a read-ahead) where
     /// one covers them, and otherwise with ranged gets of at most [`SEGMENT_BYTES`] each,
@@ -167,44 +225,8 @@ impl CommittedObject {
         cache: &ChunkCache,
         chunks: Range<u64>,
     ) -> FsResult<Vec<Bytes>> {
-        let g = self.cipher.geometry();
-        let chunks = chunks.start..chunks.end.min(g.chunk_count(self.plain_size));
-        let mut out: Vec<Option<Bytes>> = chunks
-            .clone()
-            .map(|i| cache.get(&(self.cache_id, i)))
-            .collect();
-        // Claim the missing chunks nobody is fetching; note the ones somebody is.
-        let mut ours: Vec<Range<u64>> = Vec::new();
-        let mut theirs: Vec<watch::Receiver<bool>> = Vec::new();
-        let mut guards: Vec<InFlightGuard<'_>> = Vec::new();
-        {
-            let mut inflight = self.inflight.lock();
-            let seg_chunks = (SEGMENT_BYTES / g.chunk).max(1);
-            for (j, i) in chunks.clone().enumerate() {
-                if out[j].is_some() {
-                    continue;
-                }
-                if let Some(rx) = inflight.get(&i) {
-                    theirs.push(rx.clone());
-                    continue;
-                }
-                match ours.last_mut() {
-                    Some(r) if r.end == i && r.end - r.start < seg_chunks => r.end += 1,
-                    _ => ours.push(i..i + 1),
-                }
-            }
-            for run in ours {
-                let (tx, rx) = watch::channel(false);
-                for i in run.clone() {
-                    inflight.insert(i, rx.clone());
-                }
-                guards.push(InFlightGuard {
-                    obj: self,
-                    run,
-                    _done: tx,
-                });
-            }
-        }
+        let chunks = self.clamp(chunks);
+        let (mut out, guards, theirs) = self.claim(cache, chunks.clone());
         // Fetch ours, a few segments at a time.
         // Each claim ends with its own get, so a reader waiting on the first segment of a
         // long read-ahead goes on as soon as that segment is in.
@@ -243,6 +265,45 @@ impl CommittedObject {
             .into_iter()
             .map(|b| b.expect("every chunk filled"))
             .collect())
+    }
+
+    /// Read-ahead: brings the chunks of `chunks` that are neither cached nor in flight into
+    /// the cache, keeping nothing itself (a long read-ahead that held its chunks until the
+    /// last arrived would hold them past the cache's eviction). Each get first takes its
+    /// bytes from `budget`, and the read-ahead stops where the budget is spent: the chunks
+    /// not fetched are fetched by the read that needs them. Errors end it quietly, since the
+    /// read reports its own.
+    pub async fn prefetch(
+        &self,
+        store: &dyn ObjectStore,
+        cache: &ChunkCache,
+        chunks: Range<u64>,
+        budget: Option<&MemoryBudget>,
+    ) {
+        let (_, guards, _) = self.claim(cache, self.clamp(chunks));
+        let g = self.cipher.geometry();
+        // Each reservation is taken as its get starts, so at most SEGMENTS_IN_FLIGHT are
+        // held; the first refused ends the stream, and with it the claims not started.
+        let fetches: Vec<_> = guards
+            .into_iter()
+            .map(|guard| async move {
+                let bytes = g.stored_range(guard.run.clone(), self.plain_size);
+                let _reservation = match budget {
+                    Some(b) => b
+                        .try_reserve((bytes.end - bytes.start) as usize)
+                        .ok_or(())?,
+                    None => Reservation::none(),
+                };
+                self.fetch_run(store, cache, guard.run.clone())
+                    .await
+                    .map(drop)
+                    .map_err(drop)
+            })
+            .collect();
+        let _ = futures::stream::iter(fetches)
+            .buffer_unordered(SEGMENTS_IN_FLIGHT)
+            .try_for_each(|()| async { Ok(()) })
+            .await;
     }
 
     /// One ranged get of the chunks `run`, opened and put in the cache.

@@ -61,8 +61,11 @@ struct ReadStream {
 }
 
 const READ_AHEAD_START: u64 = 1 << 20;
-/// Most read-ahead per sequential reader: bounds its memory beyond the chunk cache.
+/// Most read-ahead per sequential reader, and at most this share of the chunk cache (the
+/// read-ahead lands there, and a window larger than its share would be evicted before it
+/// is read when several readers stream at once).
 const READ_AHEAD_MAX: u64 = 32 << 20;
+const READ_AHEAD_CACHE_SHARE: u64 = 4;
 /// A stream not starting at 0 gets read-ahead once it has read this much in order, so random
 /// reads of a few hundred KiB (which the kernel splits into several requests) fetch nothing
 /// they do not need.
@@ -258,7 +261,8 @@ impl FileData {
         if ahead >= s.window / 2 && s.window > 0 || s.tasks.len() >= PREFETCHES_PER_STREAM {
             return;
         }
-        s.window = (s.window * 2).clamp(READ_AHEAD_START, READ_AHEAD_MAX);
+        let most = READ_AHEAD_MAX.min(ctx.cache.capacity() as u64 / READ_AHEAD_CACHE_SHARE);
+        s.window = (s.window * 2).min(most).max(READ_AHEAD_START);
         let from = s.fetched_to.max(end);
         let to = (end + s.window).min(obj.plain_size);
         if from >= to {
@@ -267,9 +271,10 @@ impl FileData {
         s.fetched_to = to;
         let chunks = obj.cipher.geometry().chunks_of(from..to, obj.plain_size);
         let (obj, store, cache) = (obj.clone(), ctx.store.clone(), ctx.cache.clone());
+        let budget = ctx.budget.clone();
         s.tasks.push(tokio::spawn(async move {
-            // A failed prefetch is only a missed optimisation: the read itself reports errors.
-            let _ = obj.read_chunks(store.as_ref(), &cache, chunks).await;
+            obj.prefetch(store.as_ref(), &cache, chunks, budget.as_deref())
+                .await;
         }));
     }
 
