@@ -607,7 +607,13 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
-        // The kernel asks for security.capability before every write.
+        // Only user.* attributes are stored (setxattr refuses the rest), so the others are
+        // answered here without the vfs: `ls -l` asks for security.selinux and
+        // system.posix_acl_access of every file, and the kernel for security.capability
+        // before every write.
+        if !name.starts_with(crate::vfs::XATTR_NAMESPACE) {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
         self.answer(
             move |vfs| async move { vfs.getxattr(ino.0, &name).await },
             move |r| match r {

@@ -223,7 +223,7 @@ impl ObjectStore for MemoryStore {
         let page = paginate_keys(
             &req.prefix,
             req.delimiter,
-            req.continuation.as_deref(),
+            req.continuation.as_deref().or(req.start_after.as_deref()),
             max_keys,
             live,
         );

@@ -256,7 +256,10 @@ impl ObjectStore for NameCipherStore {
     }
 
     fn limits(&self) -> StoreLimits {
-        self.inner.limits()
+        StoreLimits {
+            lists_after_a_key: false,
+            ..self.inner.limits()
+        }
     }
 
     fn request_stats(&self) -> Vec<(&'static str, u64)> {
@@ -300,6 +303,12 @@ impl ObjectStore for NameCipherStore {
     }
 
     async fn list(&self, req: &ListRequest) -> StoreResult<ListPage> {
+        if req.start_after.is_some() {
+            return Err(StoreError::Invalid {
+                key: req.prefix.clone(),
+                detail: "a listing of encrypted names cannot start after a name".into(),
+            });
+        }
         let cipher = self.cipher().await?;
         let stored_prefix = self.stored_prefix(&req.prefix).await?;
         let inner_req = ListRequest {

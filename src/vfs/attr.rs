@@ -186,7 +186,9 @@ pub fn xattrs_from_metadata(meta: &Metadata) -> BTreeMap<String, Vec<u8>> {
         return BTreeMap::new();
     };
     let map: BTreeMap<String, String> = serde_json::from_str(json).unwrap_or_default();
+    // Only the namespace a mount stores (another tool's metadata may name others).
     map.into_iter()
+        .filter(|(k, _)| k.starts_with(super::XATTR_NAMESPACE))
         .filter_map(|(k, v)| STANDARD.decode(v).ok().map(|v| (k, v)))
         .collect()
 }

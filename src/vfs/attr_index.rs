@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -31,6 +33,54 @@ pub const MIN_ENTRIES: usize = 16;
 pub const MAX_ENTRIES: usize = 100_000;
 
 const VERSION: u32 = 1;
+
+/// The index object's metadata entry naming every [`SPLIT_EVERY`]th file of the directory
+/// (base64 of a JSON list), read by a HEAD: a cold listing of a large directory lists the
+/// ranges between them at once while the index itself is fetched and parsed.
+pub const SPLITS_KEY: &str = "coffer-index-splits";
+/// One S3 listing page.
+pub const SPLIT_EVERY: usize = 1000;
+/// Most bytes of [`SPLITS_KEY`]'s value (S3 allows 2 KB of metadata in all): a directory
+/// whose names would not fit is cut every 2nd, 4th... 1000th name instead.
+const SPLITS_BYTES: usize = 1536;
+
+/// The [`SPLITS_KEY`] value for a directory whose files are `names`, in order.
+pub fn splits_value(names: &[&str]) -> Option<String> {
+    let mut every = SPLIT_EVERY;
+    while every <= names.len() {
+        let cut: Vec<&str> = names
+            .iter()
+            .skip(every - 1)
+            .step_by(every)
+            .copied()
+            .filter(|n| Some(n) != names.last())
+            .collect();
+        let value = STANDARD.encode(serde_json::to_vec(&cut).expect("names serialize"));
+        if value.len() <= SPLITS_BYTES {
+            return (!cut.is_empty()).then_some(value);
+        }
+        every *= 2;
+    }
+    None
+}
+
+/// The split keys an index object's metadata names after the key `after`, in order (none
+/// if it names none or is unreadable: they only balance a listing, never decide it).
+pub fn splits_after(metadata: Option<&Metadata>, dir_prefix: &str, after: &str) -> Vec<String> {
+    let names: Vec<String> = metadata
+        .and_then(|m| m.get(SPLITS_KEY))
+        .and_then(|v| STANDARD.decode(v).ok())
+        .and_then(|json| serde_json::from_slice(&json).ok())
+        .unwrap_or_default();
+    let mut keys: Vec<String> = names
+        .into_iter()
+        .map(|n| format!("{dir_prefix}{n}"))
+        .filter(|k| k.as_str() > after)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
 
 /// What identifies one stored version of an object in a listing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,12 +148,13 @@ impl AttrIndex {
         Ok(index)
     }
 
-    /// The stored metadata of `name`, if the index knows the version the listing shows.
-    pub fn lookup(&self, name: &str, listed: &Listed) -> Option<&Metadata> {
-        self.entries
-            .get(name)
-            .filter(|e| e.listed == *listed)
-            .map(|e| &e.meta)
+    /// The stored metadata of `name`, taken out of the index, if the index knows the
+    /// version the listing shows (a cold listing takes each entry once: no copy).
+    pub fn take(&mut self, name: &str, listed: &Listed) -> Option<Metadata> {
+        match self.entries.get(name) {
+            Some(e) if e.listed == *listed => self.entries.remove(name).map(|e| e.meta),
+            _ => None,
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -115,6 +166,39 @@ impl AttrIndex {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn splits_name_every_page_and_come_back_after_a_key() {
+        let names: Vec<String> = (0..3500).map(|i| format!("f{i:05}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let value = splits_value(&refs).expect("three splits");
+        let mut m = Metadata::new();
+        m.insert(SPLITS_KEY.into(), value);
+        assert_eq!(
+            splits_after(Some(&m), "d/", "d/f00999"),
+            ["d/f01999", "d/f02999"]
+        );
+        assert_eq!(splits_after(Some(&m), "d/", "d/f00998").len(), 3);
+        // Too few names for a split; unreadable or missing values give none.
+        assert_eq!(splits_value(&refs[..1000]), None);
+        m.insert(SPLITS_KEY.into(), "not base64!".into());
+        assert!(splits_after(Some(&m), "d/", "").is_empty());
+        assert!(splits_after(None, "d/", "").is_empty());
+    }
+
+    #[test]
+    fn long_names_are_split_more_coarsely_to_fit_the_metadata() {
+        let names: Vec<String> = (0..100_000)
+            .map(|i| format!("{i:06}{}", "x".repeat(200)))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let value = splits_value(&refs).expect("some splits fit");
+        assert!(value.len() <= SPLITS_BYTES);
+        let mut m = Metadata::new();
+        m.insert(SPLITS_KEY.into(), value);
+        let splits = splits_after(Some(&m), "", "");
+        assert!(splits.len() >= 3, "{} splits", splits.len());
+    }
 
     fn listed(etag: &str, secs: u64) -> Listed {
         Listed::new(
@@ -135,16 +219,16 @@ mod tests {
                 meta: meta.clone(),
             },
         );
-        let back = AttrIndex::parse(&index.to_bytes(), "p/d/").unwrap();
-        assert_eq!(back.lookup("f", &listed("e1", 7)), Some(&meta));
+        let mut back = AttrIndex::parse(&index.to_bytes(), "p/d/").unwrap();
         // Rewritten content, a metadata copy (same ETag, new time), another size, a name
         // it does not know: none are taken.
-        assert_eq!(back.lookup("f", &listed("e2", 7)), None);
-        assert_eq!(back.lookup("f", &listed("e1", 8)), None);
+        assert_eq!(back.take("f", &listed("e2", 7)), None);
+        assert_eq!(back.take("f", &listed("e1", 8)), None);
         let mut bigger = listed("e1", 7);
         bigger.size += 1;
-        assert_eq!(back.lookup("f", &bigger), None);
-        assert_eq!(back.lookup("g", &listed("e1", 7)), None);
+        assert_eq!(back.take("f", &bigger), None);
+        assert_eq!(back.take("g", &listed("e1", 7)), None);
+        assert_eq!(back.take("f", &listed("e1", 7)), Some(meta));
     }
 
     #[test]

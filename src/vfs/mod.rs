@@ -29,8 +29,8 @@ use crate::cache::staging::StagingKey;
 use crate::crypt::Crypt;
 use crate::error::{FsError, FsResult};
 use crate::store::{
-    CopyOptions, GetOptions, ListRequest, Metadata, ObjectStore, PutOptions, Sse, StoreError,
-    list_all,
+    CopyOptions, GetOptions, ListPage, ListRequest, Metadata, ObjectStore, PutOptions, Sse,
+    StoreError, list_all, list_all_split,
 };
 pub use attr::{Attr, Defaults, Kind};
 pub use attr_index::INDEX_DIR as ATTR_INDEX_DIR;
@@ -39,6 +39,8 @@ use file::{FileCtx, FileData};
 
 pub const ROOT: u64 = 1;
 const MAX_NAME: usize = 255;
+/// The namespace of the extended attributes a mount stores.
+pub const XATTR_NAMESPACE: &str = "user.";
 /// Largest value of one extended attribute.
 const MAX_XATTR_VALUE: usize = 1024;
 
@@ -478,20 +480,14 @@ impl Vfs {
         };
         let prefix = self.dir_prefix(&path);
         let changes_before = self.changes.load(Ordering::Acquire);
-        let page = list_all(
-            self.store.as_ref(),
-            ListRequest {
-                prefix: prefix.clone(),
-                delimiter: Some('/'),
-                ..Default::default()
-            },
-        )
-        .await?;
+        let (page, index) = self.list_dir(&prefix).await?;
         let without_metadata = page.objects.iter().filter(|o| o.metadata.is_none()).count();
-        let index = if without_metadata >= attr_index::MIN_ENTRIES {
-            self.load_attr_index(&prefix).await
-        } else {
-            None
+        let mut index = match index {
+            Some(read) => read,
+            None if without_metadata >= attr_index::MIN_ENTRIES => {
+                self.load_attr_index(&prefix).await
+            }
+            None => None,
         };
         let mut index_misses = 0;
         let g = self.crypt.geometry();
@@ -535,10 +531,7 @@ impl Vfs {
             }
             let listed = Listed::new(&o.etag, o.size, o.mtime);
             let metadata = o.metadata.clone().or_else(|| {
-                let found = index
-                    .as_ref()
-                    .and_then(|x| x.lookup(name, &listed))
-                    .cloned();
+                let found = index.as_mut().and_then(|x| x.take(name, &listed));
                 index_misses += usize::from(found.is_none());
                 found
             });
@@ -595,6 +588,69 @@ impl Vfs {
             i.index_stale_since = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// Every entry of the directory with key prefix `prefix`, and its attribute index where
+    /// it was read on the way (`Some(None)`: read and found missing or unusable).
+    ///
+    /// A directory of more than a page on a store whose listings lack metadata reads its
+    /// index after the first page (the attributes need it anyway), and lists the rest as
+    /// ranges between the split points the index names (about a page each), all at once.
+    #[allow(clippy::type_complexity)]
+    async fn list_dir(&self, prefix: &str) -> FsResult<(ListPage, Option<Option<AttrIndex>>)> {
+        let req = ListRequest {
+            prefix: prefix.to_string(),
+            delimiter: Some('/'),
+            ..Default::default()
+        };
+        let mut page = self.store.list(&req).await?;
+        let Some(token) = page.next.take() else {
+            return Ok((page, None));
+        };
+        let limits = self.store.limits();
+        let last = [
+            page.objects.last().map(|o| &o.key),
+            page.common_prefixes.last(),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .cloned();
+        let (rest, index) = match last {
+            Some(after) if limits.lists_after_a_key && !limits.listing_has_metadata => {
+                // A head of the index gives its split points at once; the index itself (a
+                // few MB for 10,000 files) is fetched and parsed while the ranges list.
+                let key = attr_index::index_key(&self.cfg.prefix, prefix);
+                let head = self.store.head(&key, &self.get_opts()).await;
+                let splits = match &head {
+                    Ok(info) => attr_index::splits_after(info.metadata.as_ref(), prefix, &after),
+                    Err(_) => Vec::new(),
+                };
+                let req = ListRequest {
+                    start_after: Some(after),
+                    ..req
+                };
+                let index = async {
+                    match head {
+                        Err(StoreError::NotFound { .. }) => None,
+                        _ => self.load_attr_index(prefix).await,
+                    }
+                };
+                let (rest, index) =
+                    tokio::join!(list_all_split(self.store.as_ref(), &req, &splits), index);
+                (rest?, Some(index))
+            }
+            _ => {
+                let req = ListRequest {
+                    continuation: Some(token),
+                    ..req
+                };
+                (list_all(self.store.as_ref(), req).await?, None)
+            }
+        };
+        page.objects.extend(rest.objects);
+        page.common_prefixes.extend(rest.common_prefixes);
+        Ok((page, index))
     }
 
     /// Applies a new listing of a directory listed before: entries other clients added
@@ -697,10 +753,19 @@ impl Vfs {
     // ---- attribute indexes (see attr_index) ---------------------------------------------
 
     /// The stored attribute index of a directory, if there is a usable one.
+    async fn parse_index(body: bytes::Bytes, dir_prefix: &str) -> Result<AttrIndex, String> {
+        let dir = dir_prefix.to_string();
+        tokio::task::spawn_blocking(move || AttrIndex::parse(&body, &dir))
+            .await
+            .unwrap_or_else(|e| Err(format!("parse failed: {e}")))
+    }
+
     async fn load_attr_index(&self, dir_prefix: &str) -> Option<AttrIndex> {
         let key = attr_index::index_key(&self.cfg.prefix, dir_prefix);
         match self.store.get(&key, None, &self.get_opts()).await {
-            Ok(got) => match AttrIndex::parse(&got.body, dir_prefix) {
+            // Parsed on the blocking pool: an index of 10,000 files takes about 0.1 s, which
+            // the listing of the directory's ranges goes on through meanwhile.
+            Ok(got) => match Self::parse_index(got.body, dir_prefix).await {
                 Ok(index) => Some(index),
                 Err(e) => {
                     warn!("{key}: attribute index of {dir_prefix:?} not used: {e}");
@@ -839,8 +904,15 @@ impl Vfs {
             return Ok(());
         }
         let key = attr_index::index_key(&self.cfg.prefix, &prefix);
+        let names: Vec<&str> = page
+            .objects
+            .iter()
+            .map(|o| &o.key[prefix.len()..])
+            .collect();
         let opts = PutOptions {
-            metadata: Metadata::new(),
+            metadata: attr_index::splits_value(&names)
+                .map(|v| Metadata::from([(attr_index::SPLITS_KEY.to_string(), v)]))
+                .unwrap_or_default(),
             sse: self.cfg.sse.clone(),
             checksum: None,
         };
@@ -1972,7 +2044,7 @@ impl Vfs {
 
     pub async fn setxattr(&self, ino: u64, name: &str, value: &[u8], flags: i32) -> FsResult<()> {
         self.check_writable()?;
-        if !name.starts_with("user.") {
+        if !name.starts_with(XATTR_NAMESPACE) {
             return Err(FsError::new(
                 libc::EOPNOTSUPP,
                 "only user.* attributes are stored",

@@ -1502,6 +1502,7 @@ impl ObjectStore for LocalStore {
             // A copy is a hard link and a new record.
             metadata_change_copies_data: false,
             listing_has_metadata: true,
+            lists_after_a_key: true,
             ..StoreLimits::S3
         }
     }
@@ -1621,7 +1622,7 @@ impl ObjectStore for LocalStore {
             let page = super::paginate_keys(
                 &req.prefix,
                 req.delimiter,
-                req.continuation.as_deref(),
+                req.continuation.as_deref().or(req.start_after.as_deref()),
                 if req.max_keys == 0 {
                     usize::MAX
                 } else {

@@ -747,6 +747,7 @@ impl ObjectStore for S3Store {
             .prefix(self.full(&req.prefix))
             .set_delimiter(req.delimiter.map(|d| d.to_string()))
             .set_continuation_token(req.continuation.clone())
+            .set_start_after(req.start_after.as_deref().map(|k| self.full(k)))
             .set_max_keys((req.max_keys > 0).then(|| req.max_keys.min(1000) as i32))
             .send()
             .await
