@@ -12,6 +12,7 @@ pub mod keypair;
 pub mod keys;
 pub mod names;
 pub mod rotate;
+pub mod throughput;
 
 use std::sync::Arc;
 
