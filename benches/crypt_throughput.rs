@@ -16,11 +16,10 @@ fn main() {
             r.raw,
             r.seal,
             r.open,
-            r.seal / r.raw,
-            r.open / r.raw,
+            r.seal_ratio(),
+            r.open_ratio(),
             r.seal_all_cores
         );
     }
-    let json: Vec<String> = rows.iter().map(|r| r.to_json()).collect();
-    println!("{{\"bench\":\"crypt\",\"results\":[{}]}}", json.join(","));
+    println!("{}", coffer::crypt::throughput::report_json(&rows));
 }

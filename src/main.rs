@@ -645,8 +645,7 @@ fn main() {
         } => store_throughput(&source, size_mib, &s3),
         Command::CryptThroughput { size_mib } => {
             let rows = coffer::crypt::throughput::measure(size_mib << 20);
-            let json: Vec<String> = rows.iter().map(|r| r.to_json()).collect();
-            println!("{{\"bench\":\"crypt\",\"results\":[{}]}}", json.join(","));
+            println!("{}", coffer::crypt::throughput::report_json(&rows));
             Ok(())
         }
         Command::Kms(k) => kms(k),

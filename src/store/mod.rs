@@ -170,6 +170,14 @@ pub struct ListPage {
     pub next: Option<String>,
 }
 
+impl ListPage {
+    /// Adds the entries of `later`, a page that follows this one in key order.
+    pub fn append(&mut self, later: ListPage) {
+        self.objects.extend(later.objects);
+        self.common_prefixes.extend(later.common_prefixes);
+    }
+}
+
 /// One version of an object, or a delete marker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionInfo {
@@ -321,10 +329,10 @@ pub trait ObjectStore: Send + Sync + 'static {
 pub async fn list_all(store: &dyn ObjectStore, mut req: ListRequest) -> StoreResult<ListPage> {
     let mut all = ListPage::default();
     loop {
-        let page = store.list(&req).await?;
-        all.objects.extend(page.objects);
-        all.common_prefixes.extend(page.common_prefixes);
-        match page.next {
+        let mut page = store.list(&req).await?;
+        let next = page.next.take();
+        all.append(page);
+        match next {
             Some(token) => req.continuation = Some(token),
             None => return Ok(all),
         }
@@ -361,8 +369,7 @@ pub async fn list_all_split(
         .await?;
     let mut all = ListPage::default();
     for page in pages {
-        all.objects.extend(page.objects);
-        all.common_prefixes.extend(page.common_prefixes);
+        all.append(page);
     }
     Ok(all)
 }

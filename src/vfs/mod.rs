@@ -648,8 +648,7 @@ impl Vfs {
                 (list_all(self.store.as_ref(), req).await?, None)
             }
         };
-        page.objects.extend(rest.objects);
-        page.common_prefixes.extend(rest.common_prefixes);
+        page.append(rest);
         Ok((page, index))
     }
 
@@ -752,7 +751,8 @@ impl Vfs {
 
     // ---- attribute indexes (see attr_index) ---------------------------------------------
 
-    /// The stored attribute index of a directory, if there is a usable one.
+    /// An index's stored bytes parsed on the blocking pool: an index of 10,000 files takes
+    /// about 0.1 s, which the listing of the directory's ranges goes on through meanwhile.
     async fn parse_index(body: bytes::Bytes, dir_prefix: &str) -> Result<AttrIndex, String> {
         let dir = dir_prefix.to_string();
         tokio::task::spawn_blocking(move || AttrIndex::parse(&body, &dir))
@@ -760,11 +760,10 @@ impl Vfs {
             .unwrap_or_else(|e| Err(format!("parse failed: {e}")))
     }
 
+    /// The stored attribute index of a directory, if there is a usable one.
     async fn load_attr_index(&self, dir_prefix: &str) -> Option<AttrIndex> {
         let key = attr_index::index_key(&self.cfg.prefix, dir_prefix);
         match self.store.get(&key, None, &self.get_opts()).await {
-            // Parsed on the blocking pool: an index of 10,000 files takes about 0.1 s, which
-            // the listing of the directory's ranges goes on through meanwhile.
             Ok(got) => match Self::parse_index(got.body, dir_prefix).await {
                 Ok(index) => Some(index),
                 Err(e) => {
