@@ -450,3 +450,89 @@ async fn a_killed_process_leaves_no_superseded_large_versions_in_an_unversioned_
         assert_eq!(data_files(r, "big"), 1, "{}", r.display());
     }
 }
+
+/// The layout files of a journaled write are written after it is acknowledged. When they
+/// then fail to write on the only replica (an injected ENOSPC), the write stays durable in
+/// the journal: reads of the key fail, naming it and the cause, instead of answering with
+/// the older version; every checkpoint tries again and keeps the journal until one
+/// succeeds; and a process killed meanwhile leaves the write to the next open's replay.
+/// (What would refuse the files for good, such as a file planted where the key's
+/// directory belongs, is refused before the acknowledgement: `tests/hostile.rs`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn layout_files_that_fail_to_write_after_the_acknowledgement_are_retried_not_lost() {
+    use coffer::store::faulty::FaultKind;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, false);
+    LocalStore::init(&cfg).unwrap();
+    for kill in [false, true] {
+        let store = LocalStore::open(&cfg).unwrap();
+        let key = format!("d-{kill}/f");
+        store
+            .put(&key, Bytes::from_static(b"old"), &PutOptions::default())
+            .await
+            .unwrap();
+        store.checkpoint().unwrap();
+        store.set_layout_fault(0, Some(FaultKind::NoSpace));
+        store
+            .put(&key, Bytes::from_static(b"new"), &PutOptions::default())
+            .await
+            .expect("acknowledged once in the journal");
+        let e = get(&store, &key).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&key) && msg.contains("journal") && msg.contains("No space"),
+            "the read names the key and the cause: {msg}"
+        );
+        assert!(
+            store.checkpoint().is_err(),
+            "the checkpoint retries and fails"
+        );
+        assert!(
+            fs::read_dir(cfg.replicas[0].join("journal"))
+                .unwrap()
+                .count()
+                > 0,
+            "the journal is kept"
+        );
+        store.set_layout_fault(0, None);
+        if kill {
+            store.abandon();
+            let store = LocalStore::open(&cfg).unwrap();
+            assert_eq!(get(&store, &key).await.unwrap(), b"new", "replayed");
+        } else {
+            store.checkpoint().expect("the retry succeeds");
+            assert_eq!(get(&store, &key).await.unwrap(), b"new");
+            drop(store);
+            let store = LocalStore::open(&cfg).unwrap();
+            assert_eq!(get(&store, &key).await.unwrap(), b"new", "and stays");
+        }
+    }
+}
+
+/// The layout workers outlive an idle spell (they poll once a second for their store's
+/// end): a write after one is still written, and a read of it answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_after_an_idle_spell_still_reach_the_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, false);
+    LocalStore::init(&cfg).unwrap();
+    let store = LocalStore::open(&cfg).unwrap();
+    for i in 0..2 {
+        let key = format!("idle/f{i}");
+        store
+            .put(&key, Bytes::from(body(i, 100)), &PutOptions::default())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), get(&store, &key))
+            .await
+            .expect("the read answers")
+            .unwrap();
+        assert_eq!(got, body(i, 100));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        store.checkpoint().unwrap()
+    })
+    .await
+    .expect("the checkpoint answers");
+}

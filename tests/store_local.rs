@@ -99,6 +99,8 @@ async fn repair_on_read_fixes_a_missing_and_a_corrupt_replica() {
     )
     .await
     .unwrap();
+    // At rest: its layout files (written after the put returns) in place and synced.
+    s.checkpoint().unwrap();
     // Replica 0 loses the object; replica 1 gets a flipped byte.
     for f in version_files(&cfg.replicas[0], "repairme", "d")
         .into_iter()
@@ -147,6 +149,7 @@ async fn all_replicas_corrupt_is_an_error_with_no_bytes() {
     )
     .await
     .unwrap();
+    s.checkpoint().unwrap();
     for r in &cfg.replicas {
         let f = &version_files(r, "doomed", "d")[0];
         let mut b = fs::read(f).unwrap();

@@ -7,9 +7,10 @@
 //! With it, a small put, a copy (rename, attribute update, restore) and a delete marker are
 //! first appended, as one entry holding everything they write, to the replica's journal
 //! segment (`journal/<name>.log`), and made durable there by an fdatasync that every write
-//! waiting at that moment shares. Only then are the same files as before written into the
-//! replica's layout, without any fsync: that makes the version visible to every reader at
-//! once, from the page cache. A checkpoint, about a second after a segment's first entry
+//! waiting at that moment shares. Then the write is acknowledged, and the same files as
+//! before are written into the replica's layout, without any fsync, by the replica's layout
+//! worker (see [`super::apply`]): that makes the version visible, from the page cache, to
+//! every reader, each of which first waits for the workers. A checkpoint, about a second after a segment's first entry
 //! (or once it is full), makes the layout durable with one `syncfs` per
 //! replica, removes the versions those writes superseded, and keeps the segment for reuse.
 //!
@@ -408,32 +409,43 @@ impl Segment {
 }
 
 /// A write in progress through the journal: appends its entry to each replica's log and
-/// holds the segment open (not checkpointed) until it is dropped, after its layout writes.
+/// holds the segment open (not checkpointed) until its layout files are written (see
+/// [`SegmentHold`]).
 pub struct JournalWrite<'a> {
     journal: &'a Journal,
-    segment: Arc<Segment>,
+    hold: SegmentHold,
 }
 
 impl JournalWrite<'_> {
     /// Appends `entry` to replica `replica`'s log and waits until it is durable there.
     pub fn log(&self, replica: usize, entry: &[u8]) -> io::Result<()> {
-        let log = self.segment.log(replica)?;
+        let log = self.hold.0.log(replica)?;
         let end = log.append(entry)?;
         log.sync_to(end, &self.journal.syncs)
     }
 
     /// Whether this segment should be checkpointed now rather than on its timer.
     pub fn full(&self) -> bool {
-        !self.segment.has_room()
+        !self.hold.0.has_room()
+    }
+
+    /// The hold on the segment, for whoever writes the layout files later.
+    pub fn into_hold(self) -> SegmentHold {
+        self.hold
     }
 }
 
-impl Drop for JournalWrite<'_> {
+/// Keeps a segment from being checkpointed while a write logged in it has layout files
+/// still to write: a checkpoint waits until every hold is dropped, so that its syncfs
+/// covers them all.
+pub struct SegmentHold(Arc<Segment>);
+
+impl Drop for SegmentHold {
     fn drop(&mut self) {
-        let mut n = self.segment.inflight.lock();
+        let mut n = self.0.inflight.lock();
         *n -= 1;
         if *n == 0 {
-            self.segment.idle.notify_all();
+            self.0.idle.notify_all();
         }
     }
 }
@@ -523,7 +535,7 @@ impl Journal {
         Ok((
             JournalWrite {
                 journal: self,
-                segment,
+                hold: SegmentHold(segment),
             },
             created,
         ))
@@ -622,9 +634,12 @@ impl Journal {
 
     /// Makes everything written so far durable in the layout, then removes superseded
     /// versions (`prune`, given the keys) and the segment. Writes go on meanwhile, into a
-    /// new segment.
+    /// new segment. `retry` runs once every write in the segments has dropped its hold,
+    /// before the syncfs: it writes again the layout files that failed to write (an error
+    /// keeps the segments, as a failed syncfs does).
     pub fn checkpoint(
         &self,
+        retry: &dyn Fn() -> io::Result<()>,
         prune: &dyn Fn(&BTreeSet<String>) -> io::Result<()>,
     ) -> io::Result<()> {
         if self.held.load(Ordering::Acquire) {
@@ -647,6 +662,7 @@ impl Journal {
             return Ok(());
         }
         let result = (|| {
+            retry()?;
             self.syncfs_all()?;
             if !keys.is_empty() {
                 prune(&keys)?;
@@ -949,7 +965,7 @@ mod tests {
         assert!(j.syncs() < 400, "{} syncs for 400 appends", j.syncs());
         let segs = dead_segments(dir.path()).unwrap();
         assert!(segs.is_empty(), "a live journal's segment is not dead");
-        j.checkpoint(&|_| Ok(())).unwrap();
+        j.checkpoint(&|| Ok(()), &|_| Ok(())).unwrap();
         // The checkpointed segment is kept for reuse, with nothing in it that counts.
         let files: Vec<_> = fs::read_dir(dir.path().join(JOURNAL_DIR))
             .unwrap()
@@ -966,7 +982,7 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].key, "again");
         drop(w);
-        j.checkpoint(&|_| Ok(())).unwrap();
+        j.checkpoint(&|| Ok(()), &|_| Ok(())).unwrap();
         drop(j);
         assert_eq!(
             fs::read_dir(dir.path().join(JOURNAL_DIR)).unwrap().count(),

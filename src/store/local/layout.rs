@@ -187,6 +187,27 @@ fn try_create_key_dirs(objects: &Path, key: &str, sync: DirSync) -> io::Result<P
     Ok(versions)
 }
 
+/// Checks, without creating anything, that [`create_key_dirs`] would find only directories
+/// of the store's own where `key`'s directories already exist: what a write must know
+/// before it is acknowledged when its layout files are written afterwards.
+pub fn check_key_dirs(objects: &Path, key: &str) -> io::Result<()> {
+    let mut p = objects.to_path_buf();
+    for name in key
+        .split('/')
+        .map(escape_component)
+        .chain([VERSIONS_DIR.to_string()])
+    {
+        p.push(&name);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => refuse_non_dir(&p)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn write_name_file(dir: &Path, component: &str, durable: bool) -> io::Result<()> {
     if durable {
         super::durable::write_file_synced(&dir.join(NAME_FILE), component.as_bytes())?;

@@ -10,6 +10,7 @@
 //! everywhere. Reads take the newest version any replica has, verify every block they
 //! return, and repair replicas that lack the version or fail verification from a good one.
 
+mod apply;
 pub mod direct;
 pub mod durable;
 pub mod journal;
@@ -19,7 +20,7 @@ pub mod replica;
 pub mod scrub;
 pub mod sse;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Range;
@@ -39,7 +40,8 @@ use super::{
     PutOptions, Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo, clamp_range,
     metadata_size,
 };
-use journal::{EntryData, EntryRef, Journal};
+use apply::{ApplyQueue, Job, Wake};
+use journal::{EntryData, EntryRef, Journal, SegmentHold};
 use layout::DirSync;
 use record::{BLOCK_SIZE, DataChecksummer, MetaRecord};
 use replica::{DATA_SUFFIX, DELETE_SUFFIX, META_SUFFIX, Replica, ReplicaError, VersionName};
@@ -79,6 +81,8 @@ struct Inner {
     repaired: std::sync::atomic::AtomicU64,
     /// Test hook: writes to these replicas fail with the given fault.
     replica_faults: Mutex<BTreeMap<usize, FaultKind>>,
+    /// Test hook: the layout files of journaled writes fail to write on these replicas.
+    layout_faults: Mutex<BTreeMap<usize, FaultKind>>,
     sse_store_key: Option<super::SseCustomerKey>,
     require_encryption: bool,
     /// Group commit of small writes (see [`journal`]).
@@ -86,6 +90,28 @@ struct Inner {
     /// Striped locks, by replica and key, between a write's layout files and a
     /// checkpoint's removal of that key's superseded versions and emptied directories.
     key_locks: Vec<Mutex<()>>,
+    /// Per replica (by index), the layout files of journaled writes still to write.
+    apply: Vec<Arc<ApplyQueue>>,
+    /// Layout files that failed to write (the write is durable in the journal): written
+    /// again by every checkpoint, which keeps the journal until they are.
+    failed_applies: Mutex<Vec<FailedApply>>,
+    /// Per key, the newest journaled version whose layout files some replica's worker has
+    /// still to write, so that a copy or delete of a file just written (a rename, an
+    /// attribute update) need not wait for them.
+    pending: Mutex<HashMap<String, PendingVersion>>,
+}
+
+struct PendingVersion {
+    newest: Arc<journal::Entry>,
+    /// Jobs of this key queued and not yet written, over all replicas.
+    jobs: usize,
+}
+
+/// A journaled write whose layout files failed to write on one replica.
+struct FailedApply {
+    replica: usize,
+    entry: Arc<journal::Entry>,
+    cause: String,
 }
 
 /// Stripes of [`Inner::key_locks`].
@@ -93,6 +119,11 @@ const KEY_LOCK_STRIPES: usize = 64;
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The workers cannot run without the store: what they had left is written here.
+        for (i, q) in self.apply.iter().enumerate() {
+            q.drain(&mut |job| self.apply_job(i, job));
+            q.close();
+        }
         if self.journal.has_work()
             && let Err(e) = self.checkpoint()
         {
@@ -151,10 +182,14 @@ impl LocalStore {
                 repairs: Mutex::new(Vec::new()),
                 repaired: Default::default(),
                 replica_faults: Mutex::new(BTreeMap::new()),
+                layout_faults: Mutex::new(BTreeMap::new()),
                 sse_store_key: cfg.sse_store_key.clone(),
                 require_encryption: cfg.require_encryption,
                 journal,
                 key_locks: (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+                apply: (0..cfg.replicas.len()).map(|_| Arc::default()).collect(),
+                failed_applies: Mutex::new(Vec::new()),
+                pending: Mutex::new(HashMap::new()),
             }),
         };
         // Writes a crashed writer acknowledged may be only in its journal: put them back
@@ -182,6 +217,10 @@ impl LocalStore {
         // The journal keeps nothing in memory that a replay needs; what stops the final
         // checkpoint is taking its work away.
         let inner = self.inner;
+        for q in &inner.apply {
+            q.forget();
+        }
+        inner.pending.lock().clear();
         inner.journal.forget_work();
         drop(inner);
     }
@@ -227,6 +266,16 @@ impl LocalStore {
         };
     }
 
+    /// Test hook: make the layout files of journaled writes (written after the write is
+    /// acknowledged) fail to write on replica `index`, or succeed again with `None`.
+    pub fn set_layout_fault(&self, index: usize, fault: Option<FaultKind>) {
+        let mut f = self.inner.layout_faults.lock();
+        match fault {
+            Some(k) => f.insert(index, k),
+            None => f.remove(&index),
+        };
+    }
+
     /// Waits for the repairs that reads have started in the background.
     pub async fn wait_repairs(&self) {
         loop {
@@ -261,6 +310,7 @@ impl LocalStore {
         good: usize,
         bad: &[usize],
     ) -> io::Result<()> {
+        self.inner.settle();
         self.inner.repair(key, v, good, bad)
     }
 }
@@ -413,14 +463,25 @@ impl Inner {
     }
 
     fn injected(&self, index: usize) -> io::Result<()> {
-        match self.replica_faults.lock().get(&index) {
-            None => Ok(()),
-            Some(FaultKind::NoSpace) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-            Some(FaultKind::AccessDenied) => Err(io::Error::from_raw_os_error(libc::EACCES)),
-            Some(FaultKind::Transient) => Err(io::Error::from_raw_os_error(libc::EIO)),
-        }
+        fault_error(self.replica_faults.lock().get(&index))
     }
 
+    fn injected_in_layout(&self, index: usize) -> io::Result<()> {
+        fault_error(self.layout_faults.lock().get(&index))
+    }
+}
+
+/// The error an injected fault stands for.
+fn fault_error(fault: Option<&FaultKind>) -> io::Result<()> {
+    match fault {
+        None => Ok(()),
+        Some(FaultKind::NoSpace) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        Some(FaultKind::AccessDenied) => Err(io::Error::from_raw_os_error(libc::EACCES)),
+        Some(FaultKind::Transient) => Err(io::Error::from_raw_os_error(libc::EIO)),
+    }
+}
+
+impl Inner {
     fn validate_put(&self, key: &str, opts: &PutOptions) -> StoreResult<()> {
         validate_key(key)?;
         if metadata_size(&opts.metadata) > StoreLimits::S3.max_metadata_bytes {
@@ -542,6 +603,8 @@ impl Inner {
 
     /// Finishes a write on every replica; on any failure removes it from all of them.
     fn commit(self: &Arc<Self>, w: PendingWrite) -> StoreResult<ObjectInfo> {
+        // In place and in order with the journaled writes before it.
+        self.settle();
         let PendingWrite {
             key,
             id,
@@ -853,6 +916,9 @@ impl Inner {
                 Layout::Marker => EntryRef::Marker,
             },
         );
+        // Checked now, while the caller can still be told: the layout files are written
+        // after the acknowledgement.
+        self.check_space(key, entry.len())?;
         let (w, created) = self.journal.begin().map_err(|e| worst(key, vec![(0, e)]))?;
         if created {
             self.schedule_checkpoint();
@@ -863,9 +929,10 @@ impl Inner {
         let replicas: Vec<&Replica> = self.online().collect();
         let results = for_each_parallel(&replicas, |r| {
             self.injected(r.index)?;
-            w.log(r.index, &entry)?;
-            let _locked = self.key_lock(r.index, key);
-            self.write_layout(r, key, v, record, &layout, &replicas)
+            // What would refuse the layout files is refused now, while the caller can be
+            // told.
+            layout::check_key_dirs(&r.objects, key)?;
+            w.log(r.index, &entry)
         });
         let errors = failures(results, replicas.iter().map(|r| r.index));
         if !errors.is_empty() {
@@ -873,13 +940,251 @@ impl Inner {
             for r in &replicas {
                 let _ = w.log(r.index, &cancel);
             }
+            drop(w);
+            return self.finish_commit(key, v, errors, &[], true);
         }
         let full = w.full();
-        drop(w);
+        let data = match layout {
+            Layout::Inline { stored, table } => EntryData::Inline([stored, table].concat()),
+            Layout::Link { key, id } => EntryData::Link {
+                key: key.to_string(),
+                id: id.to_string(),
+            },
+            Layout::Marker => EntryData::Marker,
+        };
+        let entry = journal::Entry {
+            key: key.to_string(),
+            id: v.id.clone(),
+            record: record.to_vec(),
+            data,
+        };
+        self.queue_layout(entry, w.into_hold());
         if full {
             self.schedule_checkpoint();
         }
-        self.finish_commit(key, v, errors, &[], true)
+        self.finish_commit(key, v, Vec::new(), &[], true)
+    }
+
+    /// Refuses a journaled write of `bytes` when a replica lacks the space (or inodes) for
+    /// its layout files and those of the writes queued before it.
+    fn check_space(&self, key: &str, bytes: usize) -> StoreResult<()> {
+        for r in self.online() {
+            let Some(free) = free_space(&r.root) else {
+                continue;
+            };
+            let (jobs, queued) = self.apply[r.index].backlog();
+            let need = (bytes + queued) as u64 + SPACE_MARGIN;
+            let inodes = INODES_PER_WRITE * (jobs as u64 + 1);
+            if free.bytes < need || free.inodes.is_some_and(|n| n < inodes) {
+                return Err(StoreError::NoSpace {
+                    key: key.to_string(),
+                    detail: format!(
+                        "replica {} ({}) has {} bytes{} free",
+                        r.index,
+                        r.root.display(),
+                        free.bytes,
+                        free.inodes
+                            .map(|n| format!(" and {n} inodes"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a logged entry's layout files to every online replica's worker.
+    fn queue_layout(self: &Arc<Self>, entry: journal::Entry, hold: SegmentHold) {
+        let (entry, hold) = (Arc::new(entry), Arc::new(hold));
+        let jobs = self.online().count();
+        self.pending
+            .lock()
+            .entry(entry.key.clone())
+            .and_modify(|p| {
+                p.jobs += jobs;
+                if entry.id > p.newest.id {
+                    p.newest = entry.clone();
+                }
+            })
+            .or_insert_with(|| PendingVersion {
+                newest: entry.clone(),
+                jobs,
+            });
+        for r in self.online() {
+            let q = &self.apply[r.index];
+            let job = Job {
+                entry: entry.clone(),
+                _hold: hold.clone(),
+            };
+            if q.push(job) {
+                self.start_worker(r.index);
+            }
+        }
+    }
+
+    fn start_worker(self: &Arc<Self>, index: usize) {
+        let weak = Arc::downgrade(self);
+        let q = self.apply[index].clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("coffer-apply-{index}"))
+            .spawn(move || {
+                // Holds the store only while it writes a job, and lets go before the job
+                // counts as done: a caller that settled and then dropped the store's last
+                // handle has closed it by the time the drop returns (the drop writes what
+                // is left, then closes the queue, which ends this thread).
+                loop {
+                    match q.wait_for_work(Duration::from_secs(1)) {
+                        Wake::Closed => return,
+                        Wake::Idle if weak.strong_count() == 0 => return,
+                        Wake::Idle => continue,
+                        Wake::Job => {}
+                    }
+                    let Some(inner) = weak.upgrade() else { return };
+                    let Some(job) = q.try_pop() else { continue };
+                    let n = job.bytes();
+                    inner.apply_job(index, job);
+                    drop(inner);
+                    q.finish(n);
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("local store: starting the layout writer of replica {index}: {e}");
+            let q = &self.apply[index];
+            q.drain(&mut |job| self.apply_job(index, job));
+            q.worker_failed_to_start();
+        }
+    }
+
+    /// Writes one queued entry's layout files on replica `index`. A failure is logged and
+    /// kept for the checkpoints to retry: the write is durable in the journal already.
+    fn apply_job(&self, index: usize, job: Job) {
+        let r = &self.replicas[index];
+        let e = &job.entry;
+        let v = VersionName {
+            id: e.id.clone(),
+            deleted: e.data == EntryData::Marker,
+        };
+        let layout = match &e.data {
+            EntryData::Inline(d) => Layout::Inline {
+                stored: d,
+                table: &[],
+            },
+            EntryData::Link { key, id } => Layout::Link { key, id },
+            EntryData::Marker | EntryData::Cancel => Layout::Marker,
+        };
+        let replicas: Vec<&Replica> = self.online().collect();
+        let result = {
+            let _locked = self.key_lock(index, &e.key);
+            self.injected_in_layout(index)
+                .and_then(|()| self.write_layout(r, &e.key, &v, &e.record, &layout, &replicas))
+        };
+        if let Err(err) = result {
+            tracing::error!(
+                "{}: writing version {} in place on replica {index} ({}): {err}; it is \
+                 durable in the journal, and written again at the next checkpoint",
+                e.key,
+                e.id,
+                r.root.display()
+            );
+            self.failed_applies.lock().push(FailedApply {
+                replica: index,
+                entry: e.clone(),
+                cause: err.to_string(),
+            });
+        }
+        {
+            let mut pending = self.pending.lock();
+            if let Some(p) = pending.get_mut(&e.key) {
+                p.jobs -= 1;
+                if p.jobs == 0 {
+                    pending.remove(&e.key);
+                }
+            }
+        }
+        // The hold goes last: a checkpoint waiting for it then sees the failure.
+        drop(job);
+    }
+
+    /// The newest version of `key` if its layout files are still queued on some replica.
+    /// It is then the key's newest version: a version written in place waits for the
+    /// queue first (see [`Self::commit`]); only a put of the same key racing this one could
+    /// be newer, and of two racing writes either may win.
+    fn pending_version(&self, key: &str) -> Option<Arc<journal::Entry>> {
+        self.pending.lock().get(key).map(|p| p.newest.clone())
+    }
+
+    /// Waits until the layout files of every journaled write acknowledged before this
+    /// call are written, so that what follows sees them.
+    fn settle(&self) {
+        for q in &self.apply {
+            q.settle();
+        }
+    }
+
+    /// Writes again the layout files that failed to write (a checkpoint's first step).
+    fn retry_failed_applies(&self) -> io::Result<()> {
+        let failed = std::mem::take(&mut *self.failed_applies.lock());
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let mut left = Vec::new();
+        let mut first = None;
+        for f in failed {
+            let r = &self.replicas[f.replica];
+            let result = {
+                let _locked = self.key_lock(f.replica, &f.entry.key);
+                self.injected_in_layout(f.replica)
+                    .and_then(|()| self.replay_entry(r, &f.entry))
+            };
+            match result {
+                Ok(_) => tracing::info!(
+                    "{}: version {} is in place on replica {} now",
+                    f.entry.key,
+                    f.entry.id,
+                    f.replica
+                ),
+                Err(e) => {
+                    first.get_or_insert(e);
+                    left.push(f);
+                }
+            }
+        }
+        let n = left.len();
+        self.failed_applies.lock().extend(left);
+        match first {
+            None => Ok(()),
+            Some(e) => Err(io::Error::new(
+                e.kind(),
+                format!("{n} journaled writes are not in place yet: {e}"),
+            )),
+        }
+    }
+
+    /// An error if the newest version of `key` is acknowledged but on no replica in place
+    /// (its layout files failed to write everywhere): a read must not answer with an
+    /// older version as if it were the newest.
+    fn check_in_place(&self, key: &str) -> StoreResult<()> {
+        let failed = self.failed_applies.lock();
+        let mine: Vec<&FailedApply> = failed.iter().filter(|f| f.entry.key == key).collect();
+        let Some(last) = mine.iter().max_by(|a, b| a.entry.id.cmp(&b.entry.id)) else {
+            return Ok(());
+        };
+        let everywhere = self.online().all(|r| {
+            mine.iter()
+                .any(|f| f.replica == r.index && f.entry.id == last.entry.id)
+        });
+        if everywhere {
+            return Err(StoreError::Io {
+                key: key.to_string(),
+                context: format!(
+                    "its newest version {} is durable in the journal but could not be \
+                     written in place ({}); retried at every checkpoint",
+                    last.entry.id, last.cause
+                ),
+                source: io::Error::other(last.cause.clone()),
+            });
+        }
+        Ok(())
     }
 
     /// A journaled version's files in one replica's layout, written without fsync. The
@@ -990,12 +1295,13 @@ impl Inner {
     /// Makes the layout durable, prunes what the writes since the last checkpoint
     /// superseded, and drops the journal segments they were in.
     fn checkpoint(&self) -> io::Result<()> {
-        self.journal.checkpoint(&|keys| {
-            for key in keys {
-                self.prune_key(key, 1, None, false)?;
-            }
-            Ok(())
-        })
+        self.journal
+            .checkpoint(&|| self.retry_failed_applies(), &|keys| {
+                for key in keys {
+                    self.prune_key(key, 1, None, false)?;
+                }
+                Ok(())
+            })
     }
 
     /// Replays the journal segments that processes now gone left in any replica: each
@@ -1173,6 +1479,7 @@ impl Inner {
     }
 
     fn prune(&self, prefix: &str, keep: usize, older_than: Option<Duration>) -> StoreResult<usize> {
+        self.settle();
         let keys = self.walk_keys(prefix, true)?;
         let mut n = 0;
         for key in keys {
@@ -1300,6 +1607,41 @@ impl Inner {
         let (rec, id, ()) = self.read_version(key, id, |_, _, _| Ok(()))?;
         Ok(info_of(&rec, &id))
     }
+}
+
+/// Bytes kept free on a replica's filesystem beyond what queued writes need.
+const SPACE_MARGIN: u64 = 1 << 20;
+/// Inodes a journaled write's layout may take (two directories, two files, a temporary).
+const INODES_PER_WRITE: u64 = 8;
+
+/// What a write may still use of a filesystem.
+struct FreeSpace {
+    bytes: u64,
+    /// `None` where the filesystem does not count inodes.
+    inodes: Option<u64>,
+}
+
+/// Free space of the filesystem holding `path`, as this process may use it (root may use
+/// the blocks reserved for it).
+fn free_space(path: &Path) -> Option<FreeSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (blocks, inodes) = if root {
+        (st.f_bfree as u64, st.f_ffree as u64)
+    } else {
+        (st.f_bavail as u64, st.f_favail as u64)
+    };
+    Some(FreeSpace {
+        bytes: blocks * st.f_frsize as u64,
+        inodes: (st.f_files > 0).then_some(inodes),
+    })
 }
 
 /// Total and available bytes of the filesystem holding `path`.
@@ -1559,6 +1901,10 @@ impl ObjectStore for LocalStore {
         let id = opts.version_id.clone();
         let sse_req = opts.sse.clone();
         let (rec, id, (r, body)) = blocking(move || {
+            inner.settle();
+            if id.is_none() {
+                inner.check_in_place(&k)?;
+            }
             // The key is checked against the record first: a wrong key is the caller's
             // error, never a reason to think a replica is damaged.
             let (rec, _, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
@@ -1594,6 +1940,10 @@ impl ObjectStore for LocalStore {
         let id = opts.version_id.clone();
         let sse_req = opts.sse.clone();
         blocking(move || {
+            inner.settle();
+            if id.is_none() {
+                inner.check_in_place(&k)?;
+            }
             let (rec, id, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
             sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
             Ok(info_of(&rec, &id))
@@ -1605,6 +1955,7 @@ impl ObjectStore for LocalStore {
         let inner = self.inner.clone();
         let req = req.clone();
         blocking(move || {
+            inner.settle();
             let mut keys: Vec<String> = Vec::new();
             if req.delimiter == Some('/') {
                 for (key, (live, subtree)) in inner.list_level(&req.prefix)? {
@@ -1667,6 +2018,13 @@ impl ObjectStore for LocalStore {
         let inner = self.inner.clone();
         let key = key.to_string();
         blocking(move || {
+            if let Some(e) = inner.pending_version(&key) {
+                return match e.data {
+                    EntryData::Marker => Ok(()),
+                    _ => inner.put_marker(&key),
+                };
+            }
+            inner.settle();
             let Some((latest, _)) = inner.resolve(&key, None)? else {
                 return Ok(());
             };
@@ -1700,9 +2058,32 @@ impl ObjectStore for LocalStore {
         blocking(move || {
             // Find a verified record of the source; the data file is shared by a hard link,
             // so a copy moves no data (rename and metadata updates cost one small write).
-            let (rec, id, ()) = inner.read_version(&src, src_id.as_deref(), |_, _, _| Ok(()))?;
+            // A source just written is copied from its journal entry: the copy's own entry
+            // queues behind the source's layout files on every replica.
+            let pending = src_id
+                .is_none()
+                .then(|| inner.pending_version(&src))
+                .flatten();
+            let (rec, id) = match pending {
+                Some(e) if e.data == EntryData::Marker => return Err(StoreError::not_found(&src)),
+                Some(e) => (
+                    record::decode_meta(&e.record)
+                        .map_err(|d| StoreError::corrupt(&src, format!("journal entry: {d}")))?,
+                    e.id.clone(),
+                ),
+                None => {
+                    inner.settle();
+                    if src_id.is_none() {
+                        inner.check_in_place(&src)?;
+                    }
+                    let (rec, id, ()) =
+                        inner.read_version(&src, src_id.as_deref(), |_, _, _| Ok(()))?;
+                    (rec, id)
+                }
+            };
             let src_key = sse::for_get(&src, rec.sse.as_ref(), &src_sse, inner.store_key())?;
             if !sse::same_encryption(rec.sse.as_ref(), &dst_sse) {
+                inner.settle();
                 let metadata = new_meta.unwrap_or(rec.metadata.clone());
                 return inner.copy_reencrypting(&src, &id, &rec, src_key, &dst, metadata, &dst_sse);
             }
@@ -1740,6 +2121,7 @@ impl ObjectStore for LocalStore {
         let inner = self.inner.clone();
         let prefix = prefix.to_string();
         blocking(move || {
+            inner.settle();
             let mut out = Vec::new();
             for key in inner.walk_keys(&prefix, true)? {
                 let mut all: BTreeMap<VersionName, Option<MetaRecord>> = BTreeMap::new();

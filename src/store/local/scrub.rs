@@ -94,6 +94,7 @@ fn scrub_with(
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<ScrubReport> {
     let inner = &store.inner;
+    inner.settle();
     let mut report = ScrubReport::default();
 
     for r in inner.online().filter(|_| live.is_none()) {
