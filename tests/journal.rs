@@ -495,16 +495,32 @@ async fn layout_files_that_fail_to_write_after_the_acknowledgement_are_retried_n
             "the journal is kept"
         );
         store.set_layout_fault(0, None);
+        if !kill {
+            // A newer write, in place this time, is the newest: reads answer with it
+            // while the failed one waits for the checkpoint.
+            store
+                .put(&key, Bytes::from_static(b"newer"), &PutOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(get(&store, &key).await.unwrap(), b"newer");
+        }
         if kill {
             store.abandon();
             let store = LocalStore::open(&cfg).unwrap();
             assert_eq!(get(&store, &key).await.unwrap(), b"new", "replayed");
         } else {
             store.checkpoint().expect("the retry succeeds");
-            assert_eq!(get(&store, &key).await.unwrap(), b"new");
+            assert_eq!(get(&store, &key).await.unwrap(), b"newer");
             drop(store);
             let store = LocalStore::open(&cfg).unwrap();
-            assert_eq!(get(&store, &key).await.unwrap(), b"new", "and stays");
+            assert_eq!(get(&store, &key).await.unwrap(), b"newer", "and stays");
+            assert!(
+                fs::read_dir(cfg.replicas[0].join("journal"))
+                    .unwrap()
+                    .count()
+                    == 0,
+                "a store closed cleanly leaves no journal"
+            );
         }
     }
 }

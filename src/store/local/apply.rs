@@ -104,7 +104,8 @@ impl ApplyQueue {
         self.changed.notify_all();
     }
 
-    /// Pops and runs every job queued, on the calling thread.
+    /// Pops and runs every job queued, on the calling thread (`run` drops the job, and
+    /// with it the hold).
     pub fn drain(&self, run: &mut dyn FnMut(Job)) {
         while let Some(job) = self.try_pop() {
             let n = job.bytes();

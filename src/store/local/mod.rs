@@ -121,7 +121,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The workers cannot run without the store: what they had left is written here.
         for (i, q) in self.apply.iter().enumerate() {
-            q.drain(&mut |job| self.apply_job(i, job));
+            q.drain(&mut |job| self.apply_job(i, &job));
             q.close();
         }
         if self.journal.has_work()
@@ -1042,22 +1042,26 @@ impl Inner {
                     let Some(inner) = weak.upgrade() else { return };
                     let Some(job) = q.try_pop() else { continue };
                     let n = job.bytes();
-                    inner.apply_job(index, job);
+                    inner.apply_job(index, &job);
+                    // The store first, then the hold: a checkpoint or settle that returns
+                    // has this thread off the store, so that dropping its last handle then
+                    // closes it at once, on the dropping thread.
                     drop(inner);
+                    drop(job);
                     q.finish(n);
                 }
             });
         if let Err(e) = spawned {
             warn!("local store: starting the layout writer of replica {index}: {e}");
             let q = &self.apply[index];
-            q.drain(&mut |job| self.apply_job(index, job));
+            q.drain(&mut |job| self.apply_job(index, &job));
             q.worker_failed_to_start();
         }
     }
 
     /// Writes one queued entry's layout files on replica `index`. A failure is logged and
     /// kept for the checkpoints to retry: the write is durable in the journal already.
-    fn apply_job(&self, index: usize, job: Job) {
+    fn apply_job(&self, index: usize, job: &Job) {
         let r = &self.replicas[index];
         let e = &job.entry;
         let v = VersionName {
@@ -1101,8 +1105,6 @@ impl Inner {
                 }
             }
         }
-        // The hold goes last: a checkpoint waiting for it then sees the failure.
-        drop(job);
     }
 
     /// The newest version of `key` if its layout files are still queued on some replica.
@@ -1173,15 +1175,23 @@ impl Inner {
             mine.iter()
                 .any(|f| f.replica == r.index && f.entry.id == last.entry.id)
         });
-        if everywhere {
+        let (last_id, cause) = (last.entry.id.clone(), last.cause.clone());
+        drop(failed);
+        // A newer version written since (in place) is the newest: reads answer with it.
+        let superseded = || {
+            self.resolve(key, None)
+                .ok()
+                .flatten()
+                .is_some_and(|(v, _)| v.id > last_id)
+        };
+        if everywhere && !superseded() {
             return Err(StoreError::Io {
                 key: key.to_string(),
                 context: format!(
-                    "its newest version {} is durable in the journal but could not be \
-                     written in place ({}); retried at every checkpoint",
-                    last.entry.id, last.cause
+                    "its newest version {last_id} is durable in the journal but could not be \
+                     written in place ({cause}); retried at every checkpoint"
                 ),
-                source: io::Error::other(last.cause.clone()),
+                source: io::Error::other(cause),
             });
         }
         Ok(())
