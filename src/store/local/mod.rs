@@ -259,21 +259,13 @@ impl LocalStore {
 
     /// Test hook: make writes to replica `index` fail (or succeed again with `None`).
     pub fn set_replica_fault(&self, index: usize, fault: Option<FaultKind>) {
-        let mut f = self.inner.replica_faults.lock();
-        match fault {
-            Some(k) => f.insert(index, k),
-            None => f.remove(&index),
-        };
+        set_fault(&self.inner.replica_faults, index, fault);
     }
 
     /// Test hook: make the layout files of journaled writes (written after the write is
     /// acknowledged) fail to write on replica `index`, or succeed again with `None`.
     pub fn set_layout_fault(&self, index: usize, fault: Option<FaultKind>) {
-        let mut f = self.inner.layout_faults.lock();
-        match fault {
-            Some(k) => f.insert(index, k),
-            None => f.remove(&index),
-        };
+        set_fault(&self.inner.layout_faults, index, fault);
     }
 
     /// Waits for the repairs that reads have started in the background.
@@ -469,6 +461,15 @@ impl Inner {
     fn injected_in_layout(&self, index: usize) -> io::Result<()> {
         fault_error(self.layout_faults.lock().get(&index))
     }
+}
+
+/// Sets (or with `None` clears) the injected fault of replica `index` in `faults`.
+fn set_fault(faults: &Mutex<BTreeMap<usize, FaultKind>>, index: usize, fault: Option<FaultKind>) {
+    let mut f = faults.lock();
+    match fault {
+        Some(k) => f.insert(index, k),
+        None => f.remove(&index),
+    };
 }
 
 /// The error an injected fault stands for.
@@ -1123,6 +1124,16 @@ impl Inner {
         }
     }
 
+    /// [`Self::settle`] before a read of `key` (of version `id`, or of the newest), and an
+    /// error if the newest version is acknowledged but in place nowhere.
+    fn settle_for_read(&self, key: &str, id: Option<&str>) -> StoreResult<()> {
+        self.settle();
+        if id.is_none() {
+            self.check_in_place(key)?;
+        }
+        Ok(())
+    }
+
     /// Writes again the layout files that failed to write (a checkpoint's first step).
     fn retry_failed_applies(&self) -> io::Result<()> {
         let failed = std::mem::take(&mut *self.failed_applies.lock());
@@ -1634,6 +1645,33 @@ struct FreeSpace {
 /// Free space of the filesystem holding `path`, as this process may use it (root may use
 /// the blocks reserved for it).
 fn free_space(path: &Path) -> Option<FreeSpace> {
+    let st = raw_statvfs(path)?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (blocks, inodes) = if root {
+        (st.bfree, st.ffree)
+    } else {
+        (st.bavail, st.favail)
+    };
+    Some(FreeSpace {
+        bytes: blocks * st.frsize,
+        inodes: (st.files > 0).then_some(inodes),
+    })
+}
+
+/// The counts of statvfs(3) that the store uses, widened to u64.
+struct Statvfs {
+    frsize: u64,
+    blocks: u64,
+    bfree: u64,
+    bavail: u64,
+    files: u64,
+    ffree: u64,
+    favail: u64,
+}
+
+/// The statvfs(3) of the filesystem holding `path`.
+fn raw_statvfs(path: &Path) -> Option<Statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -1641,30 +1679,21 @@ fn free_space(path: &Path) -> Option<FreeSpace> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let (blocks, inodes) = if root {
-        (st.f_bfree as u64, st.f_ffree as u64)
-    } else {
-        (st.f_bavail as u64, st.f_favail as u64)
-    };
-    Some(FreeSpace {
-        bytes: blocks * st.f_frsize as u64,
-        inodes: (st.f_files > 0).then_some(inodes),
+    Some(Statvfs {
+        frsize: st.f_frsize as u64,
+        blocks: st.f_blocks as u64,
+        bfree: st.f_bfree as u64,
+        bavail: st.f_bavail as u64,
+        files: st.f_files as u64,
+        ffree: st.f_ffree as u64,
+        favail: st.f_favail as u64,
     })
 }
 
 /// Total and available bytes of the filesystem holding `path`.
 fn statvfs(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+    let st = raw_statvfs(path)?;
+    Some((st.blocks * st.frsize, st.bavail * st.frsize))
 }
 
 /// Rejects keys no backend should accept.
@@ -1911,10 +1940,7 @@ impl ObjectStore for LocalStore {
         let id = opts.version_id.clone();
         let sse_req = opts.sse.clone();
         let (rec, id, (r, body)) = blocking(move || {
-            inner.settle();
-            if id.is_none() {
-                inner.check_in_place(&k)?;
-            }
+            inner.settle_for_read(&k, id.as_deref())?;
             // The key is checked against the record first: a wrong key is the caller's
             // error, never a reason to think a replica is damaged.
             let (rec, _, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
@@ -1950,10 +1976,7 @@ impl ObjectStore for LocalStore {
         let id = opts.version_id.clone();
         let sse_req = opts.sse.clone();
         blocking(move || {
-            inner.settle();
-            if id.is_none() {
-                inner.check_in_place(&k)?;
-            }
+            inner.settle_for_read(&k, id.as_deref())?;
             let (rec, id, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
             sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
             Ok(info_of(&rec, &id))
@@ -2082,10 +2105,7 @@ impl ObjectStore for LocalStore {
                     e.id.clone(),
                 ),
                 None => {
-                    inner.settle();
-                    if src_id.is_none() {
-                        inner.check_in_place(&src)?;
-                    }
+                    inner.settle_for_read(&src, src_id.as_deref())?;
                     let (rec, id, ()) =
                         inner.read_version(&src, src_id.as_deref(), |_, _, _| Ok(()))?;
                     (rec, id)
