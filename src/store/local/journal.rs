@@ -38,7 +38,7 @@
 //! kind 3 (delete marker), kind 4 (cancel: the put of `key`/`id` failed): no data
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -458,8 +458,12 @@ pub struct Journal {
     current: Mutex<Option<Arc<Segment>>>,
     /// Serializes checkpoints.
     checkpointing: Mutex<()>,
-    /// Keys written since the last checkpoint that may have superseded versions to remove.
-    to_prune: Mutex<BTreeSet<String>>,
+    /// Keys written since the last checkpoint that may have superseded versions to remove,
+    /// each with the epoch of its latest write: a checkpoint prunes only the keys whose
+    /// writes are in the segments it covers. (One that pruned a key whose newest version's
+    /// layout files its worker had not written yet kept the old version, and dropped the
+    /// key: the superseded version stayed for good.)
+    to_prune: Mutex<BTreeMap<String, u64>>,
     /// Keys that journaled copies link their data from, each with the checkpoint epoch it
     /// was noted in: their older versions must stay until those copies are durable in place
     /// (a replay would link from them again).
@@ -489,7 +493,7 @@ impl Journal {
             replicas,
             current: Mutex::new(None),
             checkpointing: Mutex::new(()),
-            to_prune: Mutex::new(BTreeSet::new()),
+            to_prune: Mutex::new(BTreeMap::new()),
             link_sources: Mutex::new(std::collections::HashMap::new()),
             epoch: AtomicU64::new(0),
             since: Mutex::new(None),
@@ -554,8 +558,11 @@ impl Journal {
     }
 
     /// Notes that `key` may now have superseded versions for the next checkpoint to remove.
+    /// Call it after the write's [`Self::begin`] (and, for a journaled write, after its
+    /// entry is logged): the epoch read then places the write in a segment.
     pub fn defer_prune(&self, key: &str) {
-        self.to_prune.lock().insert(key.to_string());
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.to_prune.lock().insert(key.to_string(), epoch);
         self.since.lock().get_or_insert_with(Instant::now);
     }
 
@@ -568,6 +575,13 @@ impl Journal {
         self.to_prune.lock().clear();
         self.link_sources.lock().clear();
         *self.since.lock() = None;
+    }
+
+    /// Removes the checkpointed segments kept for reuse.
+    pub fn remove_spares(&self) {
+        for s in self.spares.lock().drain(..) {
+            s.remove_files();
+        }
     }
 
     /// Whether a checkpoint has anything to do.
@@ -657,7 +671,20 @@ impl Journal {
             // then covers them all.
             s.wait_idle();
         }
-        let keys = std::mem::take(&mut *self.to_prune.lock());
+        // A key noted in this epoch or before was noted after its write's `begin` took a
+        // segment this checkpoint covers, whose layout files are now written; a key noted
+        // later may be in a segment begun since, and waits for the next checkpoint.
+        let keys: BTreeSet<String> = {
+            let mut waiting = self.to_prune.lock();
+            let (now, later): (BTreeMap<_, _>, _) = std::mem::take(&mut *waiting)
+                .into_iter()
+                .partition(|(_, noted)| *noted <= epoch);
+            *waiting = later;
+            if !waiting.is_empty() {
+                self.since.lock().get_or_insert_with(Instant::now);
+            }
+            now.into_keys().collect()
+        };
         if segments.is_empty() && keys.is_empty() {
             return Ok(());
         }
@@ -694,7 +721,10 @@ impl Journal {
                 // The segments stay on disk (and locked) for the next checkpoint, or for
                 // the next process to replay; the keys are pruned next time.
                 self.retry.lock().extend(segments);
-                self.to_prune.lock().extend(keys);
+                let mut waiting = self.to_prune.lock();
+                for k in keys {
+                    waiting.entry(k).or_insert(epoch);
+                }
                 self.since.lock().get_or_insert_with(Instant::now);
                 Err(e)
             }
@@ -712,9 +742,7 @@ impl Journal {
 impl Drop for Journal {
     /// A store closed cleanly leaves no journal behind (its work was checkpointed first).
     fn drop(&mut self) {
-        for s in self.spares.get_mut().drain(..) {
-            s.remove_files();
-        }
+        self.remove_spares();
     }
 }
 
@@ -989,6 +1017,55 @@ mod tests {
             0,
             "a journal closed cleanly leaves no file"
         );
+    }
+
+    /// The race a full test run found: a checkpoint waiting for the layout files of a write
+    /// in its segment must not prune a key written meanwhile in the next segment, whose
+    /// worker may not have put the new version in place yet (the prune would keep the old
+    /// one and forget the key).
+    #[test]
+    fn a_checkpoint_prunes_only_the_keys_of_the_segments_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::new(vec![(0, dir.path().to_path_buf())]));
+        // A write in the current segment, its layout files still to write.
+        let (w, _) = j.begin().unwrap();
+        w.log(0, &encode("old", "1", b"r", EntryRef::Marker))
+            .unwrap();
+        j.defer_prune("old");
+        let hold = w.into_hold();
+        let pruned = Arc::new(Mutex::new(Vec::new()));
+        let checkpoint = {
+            let (j, pruned) = (j.clone(), pruned.clone());
+            std::thread::spawn(move || {
+                j.checkpoint(&|| Ok(()), &|keys| {
+                    pruned.lock().push(keys.iter().cloned().collect::<Vec<_>>());
+                    Ok(())
+                })
+                .unwrap();
+            })
+        };
+        // The checkpoint has taken the segment and waits for the hold: a write now goes
+        // into a new segment, which this checkpoint does not cover.
+        while j.current.lock().is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (w2, created) = j.begin().unwrap();
+        assert!(created, "the checkpoint took the old segment");
+        w2.log(0, &encode("new", "1", b"r", EntryRef::Marker))
+            .unwrap();
+        j.defer_prune("new");
+        let hold2 = w2.into_hold();
+        drop(hold);
+        checkpoint.join().unwrap();
+        assert_eq!(*pruned.lock(), vec![vec!["old".to_string()]]);
+        assert!(j.has_work(), "the key left waits for the next checkpoint");
+        drop(hold2);
+        j.checkpoint(&|| Ok(()), &|keys| {
+            pruned.lock().push(keys.iter().cloned().collect::<Vec<_>>());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(pruned.lock()[1], vec!["new".to_string()]);
     }
 
     #[test]

@@ -58,10 +58,27 @@ pub struct LocalStoreConfig {
     pub require_encryption: bool,
 }
 
-/// The local N-replica store. Cheap to clone.
+/// The local N-replica store. Cheap to clone; dropping the last clone closes it.
 #[derive(Clone)]
 pub struct LocalStore {
     inner: Arc<Inner>,
+    /// Shared by the clones only, not by the store's own threads and uploads: its drop is
+    /// the last handle's.
+    _closer: Arc<Closer>,
+}
+
+/// Closes the store on the thread that drops its last handle. A background thread (the
+/// timed checkpoint, a layout worker) may hold the store for a moment; left to the last
+/// holder, the close ran there, after the drop had returned, and raced with the next open
+/// of the same store (a test run saw the journal still on disk after a clean close).
+struct Closer(std::sync::Weak<Inner>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.close();
+        }
+    }
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -173,24 +190,26 @@ impl LocalStore {
                 .map(|r| (r.index, r.root.clone()))
                 .collect(),
         );
+        let inner = Arc::new(Inner {
+            store_id: cfg.store_id.clone(),
+            replicas,
+            versioning: cfg.versioning,
+            clock: Mutex::new(0),
+            repairs: Mutex::new(Vec::new()),
+            repaired: Default::default(),
+            replica_faults: Mutex::new(BTreeMap::new()),
+            layout_faults: Mutex::new(BTreeMap::new()),
+            sse_store_key: cfg.sse_store_key.clone(),
+            require_encryption: cfg.require_encryption,
+            journal,
+            key_locks: (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            apply: (0..cfg.replicas.len()).map(|_| Arc::default()).collect(),
+            failed_applies: Mutex::new(Vec::new()),
+            pending: Mutex::new(HashMap::new()),
+        });
         let store = LocalStore {
-            inner: Arc::new(Inner {
-                store_id: cfg.store_id.clone(),
-                replicas,
-                versioning: cfg.versioning,
-                clock: Mutex::new(0),
-                repairs: Mutex::new(Vec::new()),
-                repaired: Default::default(),
-                replica_faults: Mutex::new(BTreeMap::new()),
-                layout_faults: Mutex::new(BTreeMap::new()),
-                sse_store_key: cfg.sse_store_key.clone(),
-                require_encryption: cfg.require_encryption,
-                journal,
-                key_locks: (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-                apply: (0..cfg.replicas.len()).map(|_| Arc::default()).collect(),
-                failed_applies: Mutex::new(Vec::new()),
-                pending: Mutex::new(HashMap::new()),
-            }),
+            _closer: Arc::new(Closer(Arc::downgrade(&inner))),
+            inner,
         };
         // Writes a crashed writer acknowledged may be only in its journal: put them back
         // in place before anything reads.
@@ -1122,6 +1141,19 @@ impl Inner {
         for q in &self.apply {
             q.settle();
         }
+    }
+
+    /// What closing the last handle does: every queued layout file written, the journal
+    /// checkpointed and its segments removed. The store stays usable by whoever still holds
+    /// it (a write then starts a new segment, which the final drop checkpoints).
+    fn close(&self) {
+        self.settle();
+        if self.journal.has_work()
+            && let Err(e) = self.checkpoint()
+        {
+            tracing::error!("local store: final journal checkpoint failed: {e}");
+        }
+        self.journal.remove_spares();
     }
 
     /// [`Self::settle`] before a read of `key` (of version `id`, or of the newest), and an
