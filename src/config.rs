@@ -42,6 +42,7 @@ pub struct S3File {
     pub checksum: Option<String>,
     pub request_timeout: Option<f64>,
     pub attempts: Option<u32>,
+    pub parts_in_flight: Option<u32>,
 }
 
 /// `--config NAME` means `/etc/coffer/NAME.toml`; anything with a `/` or a `.toml` suffix

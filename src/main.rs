@@ -110,6 +110,10 @@ struct S3Args {
     /// Attempts per request, the first included, before the error reaches the caller (EIO).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100))]
     attempts: u32,
+    /// Parts of one file uploaded at once. Each holds up to 5 MiB (more past 5 GiB): three
+    /// keep a local or nearby endpoint busy; a fast link far from it may want more.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    parts_in_flight: u32,
 }
 
 impl S3Args {
@@ -135,6 +139,7 @@ impl S3Args {
                 std::time::Duration::from_secs_f64(self.request_timeout)
             },
             max_attempts: self.attempts,
+            parts_in_flight: self.parts_in_flight.clamp(1, 64) as usize,
             ..Default::default()
         })
     }
@@ -743,6 +748,11 @@ fn apply_config(a: &mut MountArgs, m: &clap::ArgMatches) -> Result<()> {
             && let Some(v) = s3.attempts
         {
             t.attempts = v;
+        }
+        if unset("parts_in_flight")
+            && let Some(v) = s3.parts_in_flight
+        {
+            t.parts_in_flight = v;
         }
         if unset("checksum")
             && let Some(c) = &s3.checksum

@@ -17,7 +17,7 @@ use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits,
 
 /// Sealed parts that may wait for the store while the writer seals the next one.
 pub const PARTS_IN_FLIGHT: usize = 1;
-/// Plaintext per part before growth.
+/// The largest [`StoreLimits::part_size`] of the stores: the pooled part buffers' size.
 pub const BASE_PART: u64 = 8 << 20;
 /// Capacity of the pooled part buffers: a base part and one more FUSE write.
 const PART_BUFFER_BYTES: usize = BASE_PART as usize + (1 << 20);
@@ -32,9 +32,11 @@ const INLINE_SEAL_BYTES: usize = 64 << 10;
 const PARTS_PER_STEP: u64 = 1000;
 
 /// Plaintext bytes in part `n` (from 0): a whole number of chunks, at least the store's
-/// minimum part size, doubling every [`PARTS_PER_STEP`] parts, at most its maximum.
+/// minimum part size, starting at its part size and doubling every [`PARTS_PER_STEP`] parts, at most its maximum.
 pub fn part_plaintext(n: u64, chunk: u64, limits: &StoreLimits) -> u64 {
-    let grown = BASE_PART.saturating_mul(1 << (n / PARTS_PER_STEP).min(20));
+    let grown = limits
+        .part_size
+        .saturating_mul(1 << (n / PARTS_PER_STEP).min(20));
     let size = grown
         .max(limits.min_part_size)
         .min(limits.max_part_size - chunk);
@@ -105,7 +107,16 @@ impl StreamingWriter {
         self.uploader = Some(tokio::spawn(async move {
             // Parts arrive in order, each still being sealed; each part's budget is returned
             // once the store has it.
-            while let Some((sealing, _reservation)) = rx.recv().await {
+            loop {
+                // A free slot first: a part taken off the queue only to wait for one would
+                // be one more part in memory, and the writer would seal the next meanwhile.
+                if let Err(e) = upload.ready().await {
+                    let _ = upload.abort().await;
+                    return Err(e);
+                }
+                let Some((sealing, _reservation)) = rx.recv().await else {
+                    break;
+                };
                 let part = match sealing.await {
                     Ok(sealed) => Bytes::from(sealed),
                     Err(e) => {
@@ -162,8 +173,10 @@ impl StreamingWriter {
         self.written += data.len() as u64;
         while self.pending.len() > self.part_size() {
             let size = self.part_size();
-            let mut rest = self.part_buffer();
-            rest.extend_from_slice(&self.pending[size..]);
+            // Only the tail, in a buffer of its size: a whole part buffer held while the
+            // part waits for room in the queue would be one more part in memory. The next
+            // write moves it into a part buffer.
+            let rest = self.pending[size..].to_vec();
             self.pending.truncate(size);
             let part = std::mem::replace(&mut self.pending, rest);
             self.send(part, false).await?;
@@ -236,21 +249,24 @@ impl StreamingWriter {
     }
 
     async fn send(&mut self, plaintext: Vec<u8>, ends_file: bool) -> StoreResult<()> {
-        let sealed = self.start_seal(plaintext, ends_file);
         if self.tx.is_none() {
             self.start_upload().await?;
         }
-        let tx = self.tx.as_ref().expect("upload started above");
-        // The part takes this writer's budget with it; the next part reserves anew.
-        let reservation = std::mem::replace(&mut self.held, Reservation::none());
-        if tx.send((sealed, reservation)).await.is_err() {
+        let tx = self.tx.clone().expect("upload started above");
+        // Room in the queue before the seal: a part that waits for the store waits as
+        // plaintext, not as plaintext and its sealed copy.
+        let Ok(room) = tx.reserve().await else {
             // The uploader stopped: its result says why.
             return Err(self
                 .join()
                 .await
                 .err()
                 .unwrap_or_else(|| StoreError::invalid(&self.key, "the upload ended early")));
-        }
+        };
+        let sealed = self.start_seal(plaintext, ends_file);
+        // The part takes this writer's budget with it; the next part reserves anew.
+        let reservation = std::mem::replace(&mut self.held, Reservation::none());
+        room.send((sealed, reservation));
         Ok(())
     }
 

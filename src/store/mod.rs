@@ -197,6 +197,9 @@ pub struct StoreLimits {
     pub min_part_size: u64,
     /// Largest part of a multipart upload.
     pub max_part_size: u64,
+    /// Plaintext of a streamed upload's first parts (later ones grow): what each part
+    /// being filled, queued or in flight holds in memory.
+    pub part_size: u64,
     /// Most parts in one multipart upload.
     pub max_parts: u64,
     /// Largest total size of user metadata (names and values).
@@ -217,9 +220,13 @@ pub struct StoreLimits {
 
 impl StoreLimits {
     /// S3's limits: parts of 5 MiB to 5 GiB, 10,000 parts, 2 KB of metadata, 1,024-byte keys.
+    /// Streamed parts start at the 5 MiB minimum: with [`crate::store::s3::S3Options`]'s
+    /// parts in flight, that bounds a large write's memory (rclone's parts are 5 MiB too),
+    /// and on a single Garage node 8 MiB parts wrote no faster.
     pub const S3: StoreLimits = StoreLimits {
         min_part_size: 5 << 20,
         max_part_size: 5 << 30,
+        part_size: 5 << 20,
         max_parts: 10_000,
         max_metadata_bytes: 2048,
         max_key_bytes: 1024,
@@ -242,6 +249,12 @@ pub trait Upload: Send {
     /// Appends the next part. Every part but the last must be at least
     /// [`StoreLimits::min_part_size`] bytes.
     async fn put_part(&mut self, part: Bytes) -> StoreResult<()>;
+    /// Waits until [`Self::put_part`] would take a part without waiting (an upload that
+    /// sends parts concurrently has a free slot): a caller with a queue of parts takes the
+    /// next one off it only then, so that no part waits outside the queue.
+    async fn ready(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
     /// Makes the object visible, durably, and returns what was stored.
     async fn complete(self: Box<Self>) -> StoreResult<ObjectInfo>;
     /// Drops everything uploaded so far.

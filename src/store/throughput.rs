@@ -9,7 +9,8 @@ use futures::StreamExt;
 
 use super::{GetOptions, ObjectStore, PutOptions, StoreResult};
 
-/// Part and ranged-GET size, and GETs in flight: what a mount uses for a large file.
+/// Ranged-GET size and GETs in flight: what a mount uses for a large file (parts are the
+/// store's own part size, as a mount's are).
 const PART: u64 = 8 << 20;
 const GETS_IN_FLIGHT: usize = 4;
 
@@ -29,21 +30,22 @@ impl Throughput {
     }
 }
 
-/// Uploads `bytes` of random data to `key` as a multipart upload of 8 MiB parts, reads it
-/// back with ranged GETs, checks it, and deletes it.
+/// Uploads `bytes` of random data to `key` as a multipart upload of the store's part size,
+/// reads it back with ranged GETs of 8 MiB, checks it, and deletes it.
 pub async fn measure(
     store: Arc<dyn ObjectStore>,
     key: &str,
     bytes: u64,
 ) -> StoreResult<Throughput> {
-    let mut part = vec![0u8; PART as usize];
+    let part_size = store.limits().part_size;
+    let mut part = vec![0u8; part_size as usize];
     getrandom::fill(&mut part).expect("the OS random source works");
     let part = Bytes::from(part);
     let t = Instant::now();
     let mut up = store.create_upload(key, &PutOptions::default()).await?;
     let mut sent = 0;
     while sent < bytes {
-        let n = PART.min(bytes - sent);
+        let n = part_size.min(bytes - sent);
         up.put_part(part.slice(..n as usize)).await?;
         sent += n;
     }

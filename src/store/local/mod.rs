@@ -1911,6 +1911,8 @@ impl ObjectStore for LocalStore {
         StoreLimits {
             min_part_size: 1,
             max_part_size: 1 << 30,
+            // Larger parts keep the disk busier between the writer's waits for a part.
+            part_size: 8 << 20,
             max_parts: u64::MAX,
             // A copy is a hard link and a new record.
             metadata_change_copies_data: false,

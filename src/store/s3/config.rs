@@ -105,7 +105,7 @@ impl Default for S3Options {
             checksum: WireChecksum::Crc32c,
             max_attempts: 8,
             attempt_timeout: Duration::from_secs(120),
-            parts_in_flight: 4,
+            parts_in_flight: 3,
             static_credentials: None,
         }
     }

@@ -1070,12 +1070,17 @@ impl S3Upload {
 
 #[async_trait]
 impl Upload for S3Upload {
-    async fn put_part(&mut self, part: Bytes) -> StoreResult<()> {
+    async fn ready(&mut self) -> StoreResult<()> {
         while self.in_flight.len() >= self.store.parts_in_flight {
             if let Err(e) = self.reap_one().await {
                 return Err(self.fail(e).await);
             }
         }
+        Ok(())
+    }
+
+    async fn put_part(&mut self, part: Bytes) -> StoreResult<()> {
+        self.ready().await?;
         let n = self.next_part;
         self.next_part += 1;
         self.size += part.len() as u64;
