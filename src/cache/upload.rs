@@ -15,7 +15,8 @@ use super::memory::{MemoryBudget, Reservation};
 use crate::crypt::ObjectCipher;
 use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits, StoreResult};
 
-/// Sealed parts queued for the store while the writer fills the next (it seals a part only once there is room for it).
+/// Sealed parts queued for the store while the writer fills the next (a part is sealed only
+/// once there is room for it here).
 pub const PARTS_IN_FLIGHT: usize = 1;
 /// The largest [`StoreLimits::part_size`] of the stores: the pooled part buffers' size.
 pub const BASE_PART: u64 = 8 << 20;
