@@ -112,9 +112,13 @@ struct S3Args {
     attempts: u32,
     /// Parts of one file uploaded at once. Each holds up to 5 MiB (more past 5 GiB): three
     /// keep a local or nearby endpoint busy; a fast link far from it may want more.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_PARTS_IN_FLIGHT as i64))]
     parts_in_flight: u32,
 }
+
+/// Most `--parts-in-flight`.
+const MAX_PARTS_IN_FLIGHT: u32 = 64;
 
 impl S3Args {
     fn options(&self) -> Result<S3Options> {
@@ -139,7 +143,8 @@ impl S3Args {
                 std::time::Duration::from_secs_f64(self.request_timeout)
             },
             max_attempts: self.attempts,
-            parts_in_flight: self.parts_in_flight.clamp(1, 64) as usize,
+            // The config file's value is not checked by clap.
+            parts_in_flight: self.parts_in_flight.clamp(1, MAX_PARTS_IN_FLIGHT) as usize,
             ..Default::default()
         })
     }

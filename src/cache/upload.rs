@@ -33,7 +33,8 @@ const INLINE_SEAL_BYTES: usize = 64 << 10;
 const PARTS_PER_STEP: u64 = 1000;
 
 /// Plaintext bytes in part `n` (from 0): a whole number of chunks, at least the store's
-/// minimum part size, starting at its part size and doubling every [`PARTS_PER_STEP`] parts, at most its maximum.
+/// minimum part size, starting at its part size and doubling every [`PARTS_PER_STEP`]
+/// parts, at most its maximum.
 pub fn part_plaintext(n: u64, chunk: u64, limits: &StoreLimits) -> u64 {
     let grown = limits
         .part_size

@@ -11,7 +11,7 @@ use super::{GetOptions, ObjectStore, PutOptions, StoreResult};
 
 /// Ranged-GET size and GETs in flight: what a mount uses for a large file (parts are the
 /// store's own part size, as a mount's are).
-const PART: u64 = 8 << 20;
+const GET_SIZE: u64 = 8 << 20;
 const GETS_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
@@ -52,8 +52,8 @@ pub async fn measure(
     up.complete().await?;
     let put_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let ranges: Vec<_> = (0..bytes.div_ceil(PART))
-        .map(|i| i * PART..((i + 1) * PART).min(bytes))
+    let ranges: Vec<_> = (0..bytes.div_ceil(GET_SIZE))
+        .map(|i| i * GET_SIZE..((i + 1) * GET_SIZE).min(bytes))
         .collect();
     let store2 = store.clone();
     let mut gets = futures::stream::iter(ranges)
@@ -108,7 +108,7 @@ mod tests {
     #[tokio::test]
     async fn measures_a_store_whose_parts_are_not_the_get_size() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new(false));
-        assert_ne!(store.limits().part_size, PART);
+        assert_ne!(store.limits().part_size, GET_SIZE);
         let t = measure(store.clone(), "t", 21 << 20).await.unwrap();
         assert_eq!(t.bytes, 21 << 20);
         assert!(
