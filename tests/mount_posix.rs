@@ -293,6 +293,33 @@ fn posix_errors_match_local_filesystems() {
             .trim()
             .is_empty()
     );
+    // Other namespaces are not stored: unsupported (as on a filesystem without ACLs, so that
+    // ls stops asking), not absent, and refused when set.
+    for name in ["security.selinux", "system.posix_acl_access", "trusted.x"] {
+        let path = CString::new(m.p("file").as_os_str().as_bytes()).unwrap();
+        let cname = CString::new(name).unwrap();
+        let mut buf = [0u8; 64];
+        let r = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                cname.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let err = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, err), (-1, Some(libc::EOPNOTSUPP)), "getxattr {name}");
+    }
+    let set = std::process::Command::new("setfattr")
+        .args(["-n", "trusted.x", "-v", "1"])
+        .arg(m.p("file"))
+        .output()
+        .unwrap();
+    assert!(!set.status.success());
+    assert!(
+        String::from_utf8_lossy(&set.stderr).contains("not supported"),
+        "{set:?}"
+    );
 }
 
 #[test]
@@ -590,5 +617,37 @@ fn many_large_files_written_at_once_stay_within_the_memory_limit() {
         "six readers took RSS from {} to {} MiB",
         after_writes / 1024,
         peak / 1024
+    );
+}
+
+#[test]
+fn a_cold_ls_l_takes_every_attribute_from_the_listing() {
+    // Every entry's attributes come with the listing (readdirplus, with a TTL): a lookup
+    // per entry would be a FUSE round trip each, and on S3 a HEAD each if the listing's
+    // attributes were not trusted.
+    require_fuse();
+    let s = TestStore::new(1);
+    let m = s.mount();
+    fs::create_dir(m.p("many")).unwrap();
+    for i in 0..2000 {
+        fs::write(m.p(&format!("many/f{i:05}")), b"x").unwrap();
+    }
+    m.unmount();
+    let m = s.mount();
+    let out = std::process::Command::new("ls")
+        .arg("-l")
+        .arg(m.p("many"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        listed.lines().filter(|l| l.starts_with("-rw")).count(),
+        2000
+    );
+    let lookups = stat(&m.unmount(), "lookups ");
+    assert!(
+        lookups < 10,
+        "{lookups} lookups for a cold ls -l of 2,000 files"
     );
 }

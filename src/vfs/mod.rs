@@ -41,6 +41,12 @@ pub const ROOT: u64 = 1;
 const MAX_NAME: usize = 255;
 /// The namespace of the extended attributes a mount stores.
 pub const XATTR_NAMESPACE: &str = "user.";
+/// Names outside [`XATTR_NAMESPACE`] (security.*, system.posix_acl_*, trusted.*) are not
+/// stored: asking for one is "unsupported" (EOPNOTSUPP, as on a filesystem mounted without
+/// ACLs), not "absent", so tools stop asking for them.
+fn unsupported_xattr() -> FsError {
+    FsError::new(libc::EOPNOTSUPP, "only user.* attributes are stored")
+}
 /// Largest value of one extended attribute.
 const MAX_XATTR_VALUE: usize = 1024;
 
@@ -72,6 +78,9 @@ pub struct Stats {
     pub bytes_written: AtomicU64,
     pub files_committed: AtomicU64,
     pub errors: AtomicU64,
+    /// Names the kernel looked up (entries a listing passed on with their attributes are
+    /// not looked up again).
+    pub lookups: AtomicU64,
 }
 
 struct Inode {
@@ -935,6 +944,7 @@ impl Vfs {
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Entry> {
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let ino = self.existing_child(parent, name).await?;
         self.ensure_attr(ino).await?;
         let mut t = self.table.lock();
@@ -2027,6 +2037,9 @@ impl Vfs {
     // ---- extended attributes ------------------------------------------------------------
 
     pub async fn getxattr(&self, ino: u64, name: &str) -> FsResult<Vec<u8>> {
+        if !name.starts_with(XATTR_NAMESPACE) {
+            return Err(unsupported_xattr());
+        }
         self.ensure_attr(ino).await?;
         let t = self.table.lock();
         t.get(ino)?
@@ -2044,10 +2057,7 @@ impl Vfs {
     pub async fn setxattr(&self, ino: u64, name: &str, value: &[u8], flags: i32) -> FsResult<()> {
         self.check_writable()?;
         if !name.starts_with(XATTR_NAMESPACE) {
-            return Err(FsError::new(
-                libc::EOPNOTSUPP,
-                "only user.* attributes are stored",
-            ));
+            return Err(unsupported_xattr());
         }
         if value.len() > MAX_XATTR_VALUE || name.len() > 255 {
             return Err(FsError::new(libc::E2BIG, "attribute too large"));
@@ -2082,6 +2092,9 @@ impl Vfs {
 
     pub async fn removexattr(&self, ino: u64, name: &str) -> FsResult<()> {
         self.check_writable()?;
+        if !name.starts_with(XATTR_NAMESPACE) {
+            return Err(unsupported_xattr());
+        }
         self.ensure_attr(ino).await?;
         let mut t = self.table.lock();
         let i = t.get_mut(ino)?;
@@ -2103,6 +2116,7 @@ impl Vfs {
             ("bytes_written".into(), c(&self.stats.bytes_written)),
             ("files_committed".into(), c(&self.stats.files_committed)),
             ("errors".into(), c(&self.stats.errors)),
+            ("lookups".into(), c(&self.stats.lookups)),
             ("cache_hits".into(), c(&self.cache.hits)),
             ("cache_misses".into(), c(&self.cache.misses)),
             ("cache_bytes".into(), self.cache.bytes() as u64),
@@ -2124,14 +2138,15 @@ impl Vfs {
     pub fn stats_line(&self) -> String {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "stats: read {} bytes, wrote {} bytes, committed {} files, {} errors; chunk cache {} hits, {} misses, {} bytes held",
+            "stats: read {} bytes, wrote {} bytes, committed {} files, {} errors; chunk cache {} hits, {} misses, {} bytes held; lookups {}",
             c(&self.stats.bytes_read),
             c(&self.stats.bytes_written),
             c(&self.stats.files_committed),
             c(&self.stats.errors),
             c(&self.cache.hits),
             c(&self.cache.misses),
-            self.cache.bytes()
+            self.cache.bytes(),
+            c(&self.stats.lookups),
         ) + &self
             .store
             .request_stats()

@@ -359,7 +359,7 @@ pub fn stat(log: &str, after: &str) -> u64 {
     log.lines()
         .find_map(|l| l.split(after).nth(1))
         .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+        .and_then(|n| n.trim_end_matches([';', ',']).parse().ok())
         .unwrap_or_else(|| panic!("no {after:?} in the mount's stats line:\n{log}"))
 }
 
