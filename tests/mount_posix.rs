@@ -610,10 +610,11 @@ fn many_large_files_written_at_once_stay_within_the_memory_limit() {
         peak / 1024
     );
     // Read-ahead lands in the 16 MiB cache and takes its gets' buffers from the budget the
-    // writers have returned: six readers add little to what the writers peaked at (a
-    // read-ahead that held its chunks until its last get came in added 50 MiB here).
+    // writers have returned: six readers add at most about the cache (which the writers
+    // left empty) to what the writers peaked at (a read-ahead that held its chunks until its
+    // last get came in added 50 MiB here).
     assert!(
-        peak < after_writes + 12 * 1024,
+        peak < after_writes + 20 * 1024,
         "six readers took RSS from {} to {} MiB",
         after_writes / 1024,
         peak / 1024
