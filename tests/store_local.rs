@@ -16,7 +16,7 @@ use bytes::Bytes;
 use coffer::store::local::scrub::{self, Damage};
 use coffer::store::local::{LocalStore, LocalStoreConfig};
 use coffer::store::memory::MemoryStore;
-use coffer::store::{GetOptions, ObjectStore, PutOptions, StoreError};
+use coffer::store::{GetOptions, ListRequest, ObjectStore, PutOptions, StoreError};
 
 /// Log lines of this test binary, for the checks that warnings name objects and replicas.
 fn logs() -> &'static Mutex<Vec<u8>> {
@@ -666,4 +666,40 @@ async fn sse_s3_and_the_encryption_policy() {
         no_key.get("k", None, &GetOptions::default()).await,
         Err(StoreError::AccessDenied { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_that_finds_a_replica_missing_a_version_repairs_it() {
+    // A listing reads its entries' records on a thread pool of its own; the repair a read
+    // starts must start from there too (it once panicked: no runtime on those threads).
+    logs();
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, true);
+    for name in ["dir/a", "dir/b"] {
+        s.put(name, Bytes::from_static(b"hello"), &PutOptions::default())
+            .await
+            .unwrap();
+    }
+    s.checkpoint().unwrap();
+    for f in version_files(&cfg.replicas[0], "dir/a", "m") {
+        fs::remove_file(f).unwrap();
+    }
+    let page = s
+        .list(&ListRequest {
+            prefix: "dir/".into(),
+            delimiter: Some('/'),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let keys: Vec<_> = page.objects.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(keys, ["dir/a", "dir/b"]);
+    assert!(page.objects.iter().all(|o| o.size == 5));
+    s.wait_repairs().await;
+    assert_eq!(
+        version_files(&cfg.replicas[0], "dir/a", "m").len(),
+        1,
+        "replica 0 not repaired: {}",
+        log_text()
+    );
 }

@@ -825,16 +825,20 @@ impl Inner {
         let inner = self.clone();
         let key = key.to_string();
         let v = v.clone();
-        let handle =
-            tokio::task::spawn_blocking(move || match inner.repair(&key, &v, good, &bad) {
-                Ok(()) => {
-                    inner
-                        .repaired
-                        .fetch_add(bad.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    warn!("{key}: repaired replicas {bad:?} from replica {good}")
-                }
-                Err(e) => tracing::error!("{key}: repair of replicas {bad:?} failed: {e}"),
-            });
+        let repair = move || match inner.repair(&key, &v, good, &bad) {
+            Ok(()) => {
+                inner
+                    .repaired
+                    .fetch_add(bad.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                warn!("{key}: repaired replicas {bad:?} from replica {good}")
+            }
+            Err(e) => tracing::error!("{key}: repair of replicas {bad:?} failed: {e}"),
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // A caller outside any runtime (none in coffer today) waits for the repair.
+            return repair();
+        };
+        let handle = runtime.spawn_blocking(repair);
         let mut repairs = self.repairs.lock();
         repairs.retain(|h| !h.is_finished());
         repairs.push(handle);
@@ -1595,13 +1599,10 @@ impl Inner {
                 }
             }
         }
-        let held: Vec<(bool, bool)> = on_listing_pool(|| {
-            found
-                .par_iter()
-                .map(|(_, path)| key_dir_contents(path))
-                .collect::<io::Result<_>>()
-        })
-        .map_err(|e| StoreError::io(prefix, "listing", e))?;
+        let held: Vec<(bool, bool)> = on_listing_pool(&found, |(_, path)| key_dir_contents(path))
+            .into_iter()
+            .collect::<io::Result<_>>()
+            .map_err(|e| StoreError::io(prefix, "listing", e))?;
         let mut out: BTreeMap<String, (bool, bool)> = BTreeMap::new();
         for ((key, _), (has_versions, subtree)) in found.into_iter().zip(held) {
             let slot = out.entry(key).or_default();
@@ -1610,13 +1611,11 @@ impl Inner {
         }
         // Liveness of objects is decided across replicas (newest version anywhere).
         let out: Vec<(String, (bool, bool))> = out.into_iter().collect();
-        let live: Vec<bool> = on_listing_pool(|| {
-            out.par_iter()
-                .map(|(key, (has_versions, _))| {
-                    Ok(*has_versions && self.resolve(key, None)?.is_some_and(|(v, _)| !v.deleted))
-                })
-                .collect::<StoreResult<_>>()
-        })?;
+        let live: Vec<bool> = on_listing_pool(&out, |(key, (has_versions, _))| {
+            Ok(*has_versions && self.resolve(key, None)?.is_some_and(|(v, _)| !v.deleted))
+        })
+        .into_iter()
+        .collect::<StoreResult<_>>()?;
         Ok(out
             .into_iter()
             .zip(live)
@@ -1679,9 +1678,10 @@ impl Inner {
 /// are more of them than cores.
 const LISTING_THREADS: usize = 16;
 
-/// Runs `f` (which uses rayon's parallel iterators) on the listing pool, or on rayon's
-/// global pool if that pool could not be started.
-fn on_listing_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+/// `f` of each of `items`, in order, run on the listing pool (or on rayon's global pool if
+/// that could not be started). Each call runs inside the caller's tokio runtime, if it has
+/// one: a read that finds a damaged replica spawns its repair there.
+fn on_listing_pool<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     let pool = POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
@@ -1691,9 +1691,19 @@ fn on_listing_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
             .map_err(|e| warn!("listing pool not started, listing on the shared one: {e}"))
             .ok()
     });
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let run = || {
+        items
+            .par_iter()
+            .map(|item| {
+                let _in_runtime = runtime.as_ref().map(|rt| rt.enter());
+                f(item)
+            })
+            .collect()
+    };
     match pool {
-        Some(p) => p.install(f),
-        None => f(),
+        Some(p) => p.install(run),
+        None => run(),
     }
 }
 
@@ -2091,12 +2101,7 @@ impl ObjectStore for LocalStore {
                 },
                 keys.into_iter(),
             );
-            let heads: Vec<StoreResult<ObjectInfo>> = on_listing_pool(|| {
-                page.objects
-                    .par_iter()
-                    .map(|key| inner.head_latest(key, None))
-                    .collect()
-            });
+            let heads = on_listing_pool(&page.objects, |key| inner.head_latest(key, None));
             let mut objects = Vec::with_capacity(page.objects.len());
             for (key, head) in page.objects.into_iter().zip(heads) {
                 match head {
