@@ -329,7 +329,17 @@ async fn blocking<T: Send + 'static>(
 ) -> StoreResult<T> {
     crate::blocking::run(f)
         .await
-        .unwrap_or_else(|e| Err(StoreError::invalid("", format!("store task failed: {e}"))))
+        .unwrap_or_else(|e| Err(task_failed(e)))
+}
+
+/// A store task that panicked or was cancelled: a bug or a shutdown, not the caller's
+/// request, so an I/O error (EIO), not EINVAL.
+fn task_failed(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        key: String::new(),
+        context: "store task failed".into(),
+        source: io::Error::other(e.to_string()),
+    }
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -2312,7 +2322,7 @@ impl Upload for LocalUpload {
             (w, r)
         })
         .await
-        .map_err(|e| StoreError::invalid("", format!("store task failed: {e}")))?;
+        .map_err(task_failed)?;
         if result.is_err() {
             self.inner.abort(w);
             return result;
@@ -2340,5 +2350,18 @@ impl Drop for LocalUpload {
         if let Some(w) = self.write.take() {
             self.inner.abort(w);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_task_that_panics_is_an_io_error_not_the_callers() {
+        let r: StoreResult<()> = blocking(|| panic!("a bug in a store task")).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        assert!(e.to_string().contains("store task failed"), "{e}");
     }
 }
