@@ -646,9 +646,17 @@ fn a_cold_ls_l_takes_every_attribute_from_the_listing() {
         listed.lines().filter(|l| l.starts_with("-rw")).count(),
         2000
     );
-    let lookups = stat(&m.unmount(), "lookups ");
+    let log = m.unmount();
+    let lookups = stat(&log, "lookups ");
     assert!(
         lookups < 10,
         "{lookups} lookups for a cold ls -l of 2,000 files"
+    );
+    // Nor does ls ask every entry for its SELinux label and ACL: "unsupported" once, and it
+    // stops asking (it asked both of every entry while they were answered "absent").
+    let xattrs = stat(&log, "xattrs_unsupported ");
+    assert!(
+        xattrs < 10,
+        "{xattrs} xattr requests for a cold ls -l of 2,000 files"
     );
 }

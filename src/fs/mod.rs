@@ -614,6 +614,10 @@ impl Filesystem for CofferFs {
         // namespace is unsupported (two FUSE round trips per entry saved). The kernel asks for
         // security.capability before every write and takes either answer as "none".
         if !name.starts_with(crate::vfs::XATTR_NAMESPACE) {
+            self.vfs
+                .stats
+                .xattrs_unsupported
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
         self.answer(

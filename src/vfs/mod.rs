@@ -81,6 +81,8 @@ pub struct Stats {
     /// Names the kernel looked up (entries a listing passed on with their attributes are
     /// not looked up again).
     pub lookups: AtomicU64,
+    /// Extended attributes asked for outside the stored namespace (answered "unsupported").
+    pub xattrs_unsupported: AtomicU64,
 }
 
 struct Inode {
@@ -2117,6 +2119,10 @@ impl Vfs {
             ("files_committed".into(), c(&self.stats.files_committed)),
             ("errors".into(), c(&self.stats.errors)),
             ("lookups".into(), c(&self.stats.lookups)),
+            (
+                "xattrs_unsupported".into(),
+                c(&self.stats.xattrs_unsupported),
+            ),
             ("cache_hits".into(), c(&self.cache.hits)),
             ("cache_misses".into(), c(&self.cache.misses)),
             ("cache_bytes".into(), self.cache.bytes() as u64),
@@ -2138,7 +2144,7 @@ impl Vfs {
     pub fn stats_line(&self) -> String {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "stats: read {} bytes, wrote {} bytes, committed {} files, {} errors; chunk cache {} hits, {} misses, {} bytes held; lookups {}",
+            "stats: read {} bytes, wrote {} bytes, committed {} files, {} errors; chunk cache {} hits, {} misses, {} bytes held; lookups {}; xattrs_unsupported {}",
             c(&self.stats.bytes_read),
             c(&self.stats.bytes_written),
             c(&self.stats.files_committed),
@@ -2147,6 +2153,7 @@ impl Vfs {
             c(&self.cache.misses),
             self.cache.bytes(),
             c(&self.stats.lookups),
+            c(&self.stats.xattrs_unsupported),
         ) + &self
             .store
             .request_stats()
