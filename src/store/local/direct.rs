@@ -8,6 +8,9 @@
 //! `O_DIRECT` (tmpfs on older kernels, some FUSE and network filesystems) get buffered
 //! writes with the old bound on dirty data.
 //!
+//! Large gets of a data file the page cache does not hold are read with `O_DIRECT` too
+//! ([`read`]), into an aligned buffer inside an ordinary `Vec` that `Bytes` can own.
+//!
 //! Written by hand: no crate offers aligned-buffer direct writes of a stream.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
@@ -20,9 +23,9 @@ use std::ptr::NonNull;
 
 use parking_lot::Mutex;
 
-/// Alignment of buffers, offsets and lengths of direct writes: the largest logical block
-/// size in common use (4Kn disks); 512-byte devices accept it too.
-const ALIGN: usize = 4096;
+/// Alignment of buffers, offsets and lengths of direct reads and writes: the largest logical
+/// block size in common use (4Kn disks); 512-byte devices accept it too.
+pub const ALIGN: usize = 4096;
 /// Bytes gathered before each direct write.
 const BUFFER: usize = 1 << 20;
 /// Dirty data a buffered write may leave in the page cache before it waits for writeback.
@@ -193,6 +196,104 @@ impl DataFile {
             }
         }
         self.file.sync_all()
+    }
+}
+
+/// Whether the page cache holds all of `len` bytes at `start` (a file read back soon after
+/// it was written: copying it from there beats the disk). Asked with cachestat(2), which
+/// neither reads nor starts a read-ahead; false where the kernel has none (before 6.5).
+/// Hand-written: libc has no wrapper for it on x86_64.
+pub fn all_cached(file: &File, start: u64, len: usize) -> bool {
+    /// The syscall's number, the same on every architecture since 6.5.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range {
+        off: start,
+        len: len as u64,
+    };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live values of the layouts the syscall takes.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    // Counted in pages: 4 KiB here (larger pages only make the answer "no": a direct read).
+    r == 0 && stat.nr_cache >= len.div_ceil(4096) as u64
+}
+
+/// A direct read of `want` bytes at the aligned `start`, or `None` where the filesystem or
+/// device refuses one (tmpfs, odd block sizes): the caller reads through the page cache.
+/// Hand-written: no crate does an aligned read into a buffer that `Bytes` can then own.
+pub fn read(file: &File, start: u64, want: usize) -> io::Result<Option<(Vec<u8>, usize)>> {
+    // The descriptor is this read's own (opened per get), so switching it to direct and back
+    // changes nothing for anyone else.
+    if set_direct(file, true).is_err() {
+        return Ok(None);
+    }
+    let fd = file.as_raw_fd();
+    let len = want.next_multiple_of(ALIGN);
+    let mut buf: Vec<u8> = Vec::with_capacity(len + ALIGN);
+    let base = buf.as_ptr().align_offset(ALIGN);
+    // The bytes before the aligned start are never read, but a Vec's bytes must be set.
+    for b in &mut buf.spare_capacity_mut()[..base] {
+        b.write(0);
+    }
+    let dst = buf.as_mut_ptr().wrapping_add(base);
+    let mut done = 0;
+    let result = loop {
+        if done >= want {
+            break Ok(());
+        }
+        // SAFETY: the destination lies in `buf`'s allocation: base + len <= its capacity.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                dst.wrapping_add(done).cast(),
+                len - done,
+                (start + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    break Err(e);
+                }
+            }
+            0 => break Ok(()),
+            n => done += n as usize,
+        }
+    };
+    // Best effort: the descriptor is closed after this get anyway.
+    let _ = set_direct(file, false);
+    match result {
+        Ok(()) => {
+            // SAFETY: bytes [0, base) were zeroed and [base, base + done) read.
+            unsafe { buf.set_len(base + done.min(want)) };
+            Ok(Some((buf, base)))
+        }
+        // An alignment this device refuses, or a short read that left the next offset
+        // unaligned: read it the ordinary way.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -18,6 +18,7 @@ use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 
+use super::direct;
 use crate::store::Metadata;
 
 pub const BLOCK_SIZE: u32 = 64 * 1024;
@@ -244,18 +245,15 @@ pub fn read_verified_bytes(
 /// thread's time copying out of the page cache, which it fills with ciphertext the chunk
 /// cache holds decrypted anyway.
 const DIRECT_READ_MIN: usize = 1 << 20;
-/// Offset, length and buffer alignment of a direct read (the largest logical block size of
-/// common disks).
-const DIRECT_ALIGN: usize = 4096;
 
 /// Reads `want` bytes of `file` at `start`: the bytes are `buffer[base..]` (a direct read's
 /// buffer starts at an aligned address inside the allocation). Fewer bytes than `want` only
 /// at the end of the file.
 fn read_span(file: &File, start: u64, want: usize) -> io::Result<(Vec<u8>, usize)> {
     if want >= DIRECT_READ_MIN
-        && start.is_multiple_of(DIRECT_ALIGN as u64)
-        && !all_cached(file, start, want)
-        && let Some(read) = read_direct(file, start, want)?
+        && start.is_multiple_of(direct::ALIGN as u64)
+        && !direct::all_cached(file, start, want)
+        && let Some(read) = direct::read(file, start, want)?
     {
         return Ok(read);
     }
@@ -267,111 +265,6 @@ fn read_span(file: &File, start: u64, want: usize) -> io::Result<(Vec<u8>, usize
     f.seek(io::SeekFrom::Start(start))?;
     f.take(want as u64).read_to_end(&mut data)?;
     Ok((data, 0))
-}
-
-/// Whether the page cache holds all of `len` bytes at `start` (a file read back soon after
-/// it was written: copying it from there beats the disk). Asked with cachestat(2), which
-/// neither reads nor starts a read-ahead; false where the kernel has none (before 6.5).
-/// Hand-written: libc has no wrapper for it on x86_64.
-fn all_cached(file: &File, start: u64, len: usize) -> bool {
-    use std::os::fd::AsRawFd;
-    /// The syscall's number, the same on every architecture since 6.5.
-    const SYS_CACHESTAT: libc::c_long = 451;
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    let range = Range {
-        off: start,
-        len: len as u64,
-    };
-    let mut stat = Stat::default();
-    // SAFETY: both pointers are to live values of the layouts the syscall takes.
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    r == 0 && stat.nr_cache >= len.div_ceil(4096) as u64
-}
-
-/// A direct read of `want` bytes at the aligned `start`, or `None` where the filesystem or
-/// device refuses one (tmpfs, odd block sizes): the caller reads through the page cache.
-/// Hand-written: no crate does an aligned read into a buffer that `Bytes` can then own.
-fn read_direct(file: &File, start: u64, want: usize) -> io::Result<Option<(Vec<u8>, usize)>> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // The descriptor is this read's own (opened per get), so switching it to direct and back
-    // changes nothing for anyone else.
-    // SAFETY: fcntl on an open descriptor of ours, with no pointers.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
-        return Ok(None);
-    }
-    let len = want.next_multiple_of(DIRECT_ALIGN);
-    let mut buf: Vec<u8> = Vec::with_capacity(len + DIRECT_ALIGN);
-    let base = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    // The bytes before the aligned start are never read, but a Vec's bytes must be set.
-    for b in &mut buf.spare_capacity_mut()[..base] {
-        b.write(0);
-    }
-    let dst = buf.as_mut_ptr().wrapping_add(base);
-    let mut done = 0;
-    let result = loop {
-        if done >= want {
-            break Ok(());
-        }
-        // SAFETY: the destination lies in `buf`'s allocation: base + len <= its capacity.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                dst.wrapping_add(done).cast(),
-                len - done,
-                (start + done as u64) as libc::off_t,
-            )
-        };
-        match n {
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    break Err(e);
-                }
-            }
-            0 => break Ok(()),
-            n => done += n as usize,
-        }
-    };
-    // SAFETY: as above.
-    unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
-    match result {
-        Ok(()) => {
-            // SAFETY: bytes [0, base) were zeroed and [base, base + done) read.
-            unsafe { buf.set_len(base + done.min(want)) };
-            Ok(Some((buf, base)))
-        }
-        // An alignment this device refuses, or a short read that left the next offset
-        // unaligned: read it the ordinary way.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Verifies a whole `.d` file: every block checksum and the BLAKE3 digest. Memory stays at
@@ -517,7 +410,7 @@ mod tests {
             }
             // The read itself, asked for more than the file holds: it ends short, at the
             // end of the file.
-            if let Some((buf, base)) = read_direct(&open(cached), 0, body.len() + 100).unwrap() {
+            if let Some((buf, base)) = direct::read(&open(cached), 0, body.len() + 100).unwrap() {
                 assert!(buf[base..] == body[..], "cached: {cached}");
             }
         }
