@@ -607,19 +607,6 @@ impl Filesystem for CofferFs {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
-        // Only user.* attributes are stored (setxattr refuses the rest with EOPNOTSUPP), so
-        // the others are answered here without the vfs, and as unsupported rather than
-        // absent: `ls -l` asks for security.selinux and system.posix_acl_access of every
-        // file, and GNU ls stops asking for the rest of a device once one answer says the
-        // namespace is unsupported (two FUSE round trips per entry saved). The kernel asks for
-        // security.capability before every write and takes either answer as "none".
-        if !name.starts_with(crate::vfs::XATTR_NAMESPACE) {
-            self.vfs
-                .stats
-                .xattrs_unsupported
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-        }
         self.answer(
             move |vfs| async move { vfs.getxattr(ino.0, &name).await },
             move |r| match r {

@@ -2039,7 +2039,14 @@ impl Vfs {
     // ---- extended attributes ------------------------------------------------------------
 
     pub async fn getxattr(&self, ino: u64, name: &str) -> FsResult<Vec<u8>> {
+        // Answered before anything that could wait, so on the FUSE thread that read the
+        // request: `ls -l` asks the first entries for security.selinux and
+        // system.posix_acl_access, and the kernel asks for security.capability before every
+        // write (it takes "unsupported" as "none").
         if !name.starts_with(XATTR_NAMESPACE) {
+            self.stats
+                .xattrs_unsupported
+                .fetch_add(1, Ordering::Relaxed);
             return Err(unsupported_xattr());
         }
         self.ensure_attr(ino).await?;
