@@ -1791,11 +1791,6 @@ fn validate_key(key: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// Whether a component directory's subtree (below its own versions) holds a live object.
-fn subtree_has_live(dir: &Path) -> io::Result<bool> {
-    Ok(key_dir_contents(dir)?.1)
-}
-
 /// What a key's directory holds: whether it has versions of its own (a `.versions`
 /// directory), and whether any key below it has a live newest version. One read of the
 /// directory answers both.
@@ -1824,7 +1819,7 @@ fn key_dir_contents(dir: &Path) -> io::Result<(bool, bool)> {
         }
         let path = entry.path();
         let versions = replica::versions_in(&path.join(layout::VERSIONS_DIR))?;
-        subtree = versions.last().is_some_and(|v| !v.deleted) || subtree_has_live(&path)?;
+        subtree = versions.last().is_some_and(|v| !v.deleted) || key_dir_contents(&path)?.1;
     }
     Ok((has_versions, subtree))
 }
