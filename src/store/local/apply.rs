@@ -154,11 +154,15 @@ impl ApplyQueue {
 
     /// Drops every queued job unwritten, as a killed process would (test hook: their
     /// entries are in the journal, for the next open to replay).
+    ///
+    /// A job the worker has popped is still running: its bytes stay counted until its
+    /// [`Self::finish`] (zeroing them here made that finish underflow and kill the worker
+    /// before it woke a waiting settle, which then waited for good).
     pub fn forget(&self) {
         let mut s = self.state.lock();
         let n = s.jobs.len() as u64;
-        s.jobs.clear();
-        s.bytes = 0;
+        let bytes: usize = s.jobs.drain(..).map(|j| j.bytes()).sum();
+        s.bytes -= bytes;
         s.done += n;
         self.changed.notify_all();
     }
@@ -231,5 +235,22 @@ mod tests {
         assert_eq!(q.backlog(), (0, 0));
         q.close();
         worker.join().unwrap();
+    }
+
+    /// tests/journal's abandon forgets the queues while a worker may be writing a job it
+    /// popped: that job's finish must still balance the counts.
+    #[test]
+    fn forgetting_the_queue_leaves_a_popped_job_to_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(vec![(0, dir.path().to_path_buf())]);
+        let q = ApplyQueue::default();
+        q.push(job(&journal, "running", 10));
+        q.push(job(&journal, "queued", 20));
+        let running = q.try_pop().unwrap();
+        q.forget();
+        assert_eq!(q.backlog(), (1, running.bytes()));
+        q.finish(running.bytes());
+        assert_eq!(q.backlog(), (0, 0));
+        q.settle();
     }
 }

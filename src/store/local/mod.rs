@@ -1111,8 +1111,13 @@ impl Inner {
         let replicas: Vec<&Replica> = self.online().collect();
         let result = {
             let _locked = self.key_lock(index, &e.key);
-            self.injected_in_layout(index)
-                .and_then(|()| self.write_layout(r, &e.key, &v, &e.record, &layout, &replicas))
+            // A panic here would end the worker with its job never counted done, and every
+            // later settle (so every read) would wait for it: it is a failed write instead.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.injected_in_layout(index)
+                    .and_then(|()| self.write_layout(r, &e.key, &v, &e.record, &layout, &replicas))
+            }))
+            .unwrap_or_else(|_| Err(io::Error::other("the layout writer panicked")))
         };
         if let Err(err) = result {
             tracing::error!(
