@@ -31,6 +31,9 @@ pub struct ProxyStats {
     pub resets_before: AtomicU64,
     pub resets_after: AtomicU64,
     pub stalls: AtomicU64,
+    /// PUTs with a body, by whether SigV4 signed its SHA-256 or said UNSIGNED-PAYLOAD.
+    pub signed_puts: AtomicU64,
+    pub unsigned_puts: AtomicU64,
 }
 
 impl ProxyStats {
@@ -143,6 +146,25 @@ async fn read_request(
     Ok(Some(request))
 }
 
+/// Counts a PUT with a body as signed or unsigned (its `x-amz-content-sha256`).
+fn count_payload_signing(request: &[u8], stats: &ProxyStats) {
+    let head_end = request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(0);
+    let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("put ") || request.len() == head_end + 4 {
+        return;
+    }
+    let hash = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-amz-content-sha256:"));
+    match hash.map(str::trim) {
+        Some("unsigned-payload") => stats.unsigned_puts.fetch_add(1, Ordering::Relaxed),
+        _ => stats.signed_puts.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
 /// The request with `Connection: close`, so that the server's answer ends at its EOF.
 fn with_connection_close(request: &[u8]) -> Vec<u8> {
     let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
@@ -172,6 +194,7 @@ async fn serve(
         return Ok(());
     };
     stats.requests.fetch_add(1, Ordering::Relaxed);
+    count_payload_signing(&request, &stats);
     let first_line = String::from_utf8_lossy(&request[..request.len().min(300)])
         .lines()
         .next()
