@@ -121,17 +121,41 @@ async fn workload(store: &LocalStore) -> Model {
             .unwrap();
         model.insert(key, (b, "over".into()));
     }
-    // Renames: a copy, then a delete of the source (as the vfs does).
-    for i in (2..60).step_by(9) {
+    // Renames: a copy then a delete of the source, or the two in one journal write (as
+    // the vfs does).
+    for (j, i) in (2..60).step_by(9).enumerate() {
         let from = name(i);
         let to = format!("renamed/f{i}");
-        store
-            .copy(&from, &to, &CopyOptions::default())
-            .await
-            .unwrap();
-        store.delete(&from).await.unwrap();
+        if j % 2 == 0 {
+            store
+                .rename(&from, &to, &CopyOptions::default())
+                .await
+                .unwrap();
+        } else {
+            store
+                .copy(&from, &to, &CopyOptions::default())
+                .await
+                .unwrap();
+            store.delete(&from).await.unwrap();
+        }
         let v = model.remove(&from).unwrap();
         model.insert(to, v);
+    }
+    // rsync's pattern: a file written under a temporary name, renamed at once (its
+    // layout files likely still queued), with new attributes.
+    for i in 0..8 {
+        let (tmp, to) = (format!("d1/.f{i}.tmp"), format!("d1/rsynced{i}"));
+        let b = body(i + 2000, 3000);
+        store
+            .put(&tmp, Bytes::from(b.clone()), &meta(&[("n", "tmp")]))
+            .await
+            .unwrap();
+        let opts = CopyOptions {
+            metadata: Some(meta(&[("n", "rsynced")]).metadata),
+            ..Default::default()
+        };
+        store.rename(&tmp, &to, &opts).await.unwrap();
+        model.insert(to, (b, "rsynced".into()));
     }
     // Attribute updates: a copy onto itself with new metadata.
     for i in (3..60).step_by(11) {
@@ -253,6 +277,42 @@ async fn a_lost_replica_journal_is_covered_by_the_others() {
         report.damage,
         again.damage
     );
+}
+
+/// A rename's copy and delete marker share one fdatasync per replica: rsync renames every
+/// file it writes, and this was the second of three flushes per file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rename_costs_one_journal_fdatasync_per_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, false);
+    LocalStore::init(&cfg).unwrap();
+    let store = LocalStore::open(&cfg).unwrap();
+    store.hold_checkpoints(true);
+    for i in 0..20 {
+        let tmp = format!(".f{i}.tmp");
+        store
+            .put(&tmp, Bytes::from(body(i, 4096)), &meta(&[]))
+            .await
+            .unwrap();
+        let (before, _) = store.journal_stats();
+        store
+            .rename(&tmp, &format!("f{i}"), &CopyOptions::default())
+            .await
+            .unwrap();
+        let (after, _) = store.journal_stats();
+        assert_eq!(
+            after - before,
+            2,
+            "rename {i}: one fdatasync on each of 2 replicas"
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(get(&store, &format!("f{i}")).await.unwrap(), body(i, 4096));
+        assert!(matches!(
+            get(&store, &format!(".f{i}.tmp")).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -302,6 +302,17 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// is how metadata-only updates are made.
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo>;
 
+    /// Moves an object: [`Self::copy`] to `dst`, then [`Self::delete`] of `src`. A crash
+    /// part-way may leave both keys, never neither. A backend that can make both durable in
+    /// one step overrides it (the local store: one journal fdatasync instead of two).
+    async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
+        let info = self.copy(src, dst, opts).await?;
+        if src != dst {
+            self.delete(src).await?;
+        }
+        Ok(info)
+    }
+
     /// Whether the backend keeps versions of overwritten and deleted objects.
     async fn versioning_enabled(&self) -> StoreResult<bool>;
 

@@ -354,6 +354,15 @@ impl ObjectStore for NameCipherStore {
         Ok(info)
     }
 
+    async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
+        let s = self.encrypt_key(src).await?;
+        let d = self.encrypt_key(dst).await?;
+        self.ensure_sidecars(&d).await?;
+        let mut info = self.inner.rename(&s.key, &d.key, opts).await?;
+        info.key = dst.to_string();
+        Ok(info)
+    }
+
     async fn versioning_enabled(&self) -> StoreResult<bool> {
         self.inner.versioning_enabled().await
     }

@@ -85,6 +85,11 @@ impl ObjectStore for RequireEncryption {
         self.inner.copy(src, dst, opts).await
     }
 
+    async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
+        self.check(dst, &opts.sse)?;
+        self.inner.rename(src, dst, opts).await
+    }
+
     async fn versioning_enabled(&self) -> StoreResult<bool> {
         self.inner.versioning_enabled().await
     }

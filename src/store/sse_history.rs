@@ -150,6 +150,22 @@ impl ObjectStore for SseKeyHistory {
         Ok(info)
     }
 
+    async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
+        let info = self
+            .with_history(src, &opts.source_sse, |source_sse| {
+                let o = CopyOptions {
+                    source_sse,
+                    ..opts.clone()
+                };
+                async move { self.inner.rename(src, dst, &o).await }
+            })
+            .await?;
+        let mut known = self.known.lock();
+        known.remove(dst);
+        known.remove(src);
+        Ok(info)
+    }
+
     async fn versioning_enabled(&self) -> StoreResult<bool> {
         self.inner.versioning_enabled().await
     }

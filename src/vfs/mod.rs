@@ -1683,7 +1683,17 @@ impl Vfs {
         dst: &str,
         meta: Metadata,
     ) -> Result<crate::store::ObjectInfo, StoreError> {
-        // The envelope rides along: a metadata replace must keep it.
+        let opts = self.copy_keeping_envelope(src, meta).await?;
+        self.store.copy(src, dst, &opts).await
+    }
+
+    /// The options of a copy of `src` that replaces its metadata with `meta`, keeping its
+    /// envelope (a metadata replace must keep it).
+    async fn copy_keeping_envelope(
+        &self,
+        src: &str,
+        meta: Metadata,
+    ) -> Result<CopyOptions, StoreError> {
         let current = self.store.head(src, &self.get_opts()).await?;
         let mut full = meta;
         if let Some(env) = current
@@ -1693,13 +1703,12 @@ impl Vfs {
         {
             full.insert(crate::crypt::envelope::METADATA_KEY.into(), env.clone());
         }
-        let opts = CopyOptions {
+        Ok(CopyOptions {
             metadata: Some(full),
             source_sse: self.cfg.sse.clone(),
             sse: self.cfg.sse.clone(),
             source_version_id: None,
-        };
-        self.store.copy(src, dst, &opts).await
+        })
     }
 
     /// Writes every pending attribute change (periodically, and at unmount).
@@ -1851,8 +1860,8 @@ impl Vfs {
             };
             if exists {
                 let stored = meta.clone();
-                let copied = self.copy_with_metadata(&old_key, &new_key, meta).await?;
-                self.store.delete(&old_key).await?;
+                let opts = self.copy_keeping_envelope(&old_key, meta).await?;
+                let copied = self.store.rename(&old_key, &new_key, &opts).await?;
                 if let Some(f) = &file {
                     f.lock().await.reset_committed();
                 }

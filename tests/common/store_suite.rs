@@ -30,6 +30,7 @@ pub async fn run_all(store: Arc<dyn ObjectStore>, prefix: &str) {
     listings(&*store, prefix).await;
     pagination(&*store, prefix).await;
     delete_and_copy(&*store, prefix).await;
+    rename(&*store, prefix).await;
     multipart(&*store, prefix).await;
     checksums_and_limits(&*store, prefix).await;
     if store.versioning_enabled().await.unwrap() {
@@ -290,6 +291,60 @@ async fn delete_and_copy(s: &dyn ObjectStore, p: &str) {
             .await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+async fn rename(s: &dyn ObjectStore, p: &str) {
+    let get = |k: String| async move { s.get(&k, None, &GetOptions::default()).await };
+    let (a, b) = (format!("{p}ren/a"), format!("{p}ren/b"));
+    s.put(&a, Bytes::from_static(b"first"), &opts(&[("x", "1")]))
+        .await
+        .unwrap();
+    let moved = CopyOptions {
+        metadata: Some(meta(&[("x", "2")])),
+        ..Default::default()
+    };
+    let info = s.rename(&a, &b, &moved).await.unwrap();
+    assert_eq!(info.size, 5);
+    let got = get(b.clone()).await.unwrap();
+    assert_eq!(&got.body[..], b"first");
+    assert_eq!(got.info.metadata.unwrap(), meta(&[("x", "2")]));
+    assert!(matches!(
+        get(a.clone()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // Onto an existing key: replaced.
+    s.put(&a, Bytes::from_static(b"second"), &opts(&[]))
+        .await
+        .unwrap();
+    s.rename(&a, &b, &CopyOptions::default()).await.unwrap();
+    assert_eq!(&get(b.clone()).await.unwrap().body[..], b"second");
+    assert!(matches!(
+        get(a.clone()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // A missing source changes nothing.
+    assert!(matches!(
+        s.rename(&a, &b, &CopyOptions::default()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(&get(b.clone()).await.unwrap().body[..], b"second");
+    // Onto itself: still there, with the new metadata.
+    s.rename(&b, &b, &moved).await.unwrap();
+    let got = get(b.clone()).await.unwrap();
+    assert_eq!(&got.body[..], b"second");
+    assert_eq!(got.info.metadata.unwrap(), meta(&[("x", "2")]));
+    let keys = keys_of(
+        &list_all(
+            s,
+            ListRequest {
+                prefix: format!("{p}ren/"),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(keys, vec![b], "only the renamed key is listed");
 }
 
 async fn multipart(s: &dyn ObjectStore, p: &str) {

@@ -424,6 +424,17 @@ impl JournalWrite<'_> {
         log.sync_to(end, &self.journal.syncs)
     }
 
+    /// Appends `entries`, in order, to replica `replica`'s log and waits until they are all
+    /// durable there (one fdatasync for them all).
+    pub fn log_all(&self, replica: usize, entries: &[Vec<u8>]) -> io::Result<()> {
+        let log = self.hold.0.log(replica)?;
+        let mut end = 0;
+        for entry in entries {
+            end = log.append(entry)?;
+        }
+        log.sync_to(end, &self.journal.syncs)
+    }
+
     /// Whether this segment should be checkpointed now rather than on its timer.
     pub fn full(&self) -> bool {
         !self.hold.0.has_room()

@@ -324,6 +324,86 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// A server-side copy of `src` to `dst`, and with `delete_src` a delete marker for `src`
+    /// written with it (see [`ObjectStore::rename`]).
+    async fn copy_then_delete(
+        &self,
+        src: &str,
+        dst: &str,
+        opts: &CopyOptions,
+        delete_src: bool,
+    ) -> StoreResult<ObjectInfo> {
+        validate_key(dst)?;
+        let put = PutOptions {
+            metadata: opts.metadata.clone().unwrap_or_default(),
+            sse: opts.sse.clone(),
+            checksum: None,
+        };
+        if opts.metadata.is_some() {
+            self.inner.validate_put(dst, &put)?;
+        } else {
+            self.inner.check_writable(dst)?;
+        }
+        let inner = self.inner.clone();
+        let (src, dst) = (src.to_string(), dst.to_string());
+        let new_meta = opts.metadata.clone();
+        let src_id = opts.source_version_id.clone();
+        let (src_sse, dst_sse) = (opts.source_sse.clone(), opts.sse.clone());
+        blocking(move || {
+            // Find a verified record of the source; the data file is shared by a hard link,
+            // so a copy moves no data (rename and metadata updates cost one small write).
+            // A source just written is copied from its journal entry: the copy's own entry
+            // queues behind the source's layout files on every replica.
+            let (rec, id) = inner.record_of(&src, src_id.as_deref())?;
+            let src_key = sse::for_get(&src, rec.sse.as_ref(), &src_sse, inner.store_key())?;
+            if !sse::same_encryption(rec.sse.as_ref(), &dst_sse) {
+                inner.settle();
+                let metadata = new_meta.unwrap_or(rec.metadata.clone());
+                let info =
+                    inner.copy_reencrypting(&src, &id, &rec, src_key, &dst, metadata, &dst_sse)?;
+                if delete_src {
+                    inner.put_marker(&src)?;
+                }
+                return Ok(info);
+            }
+            let v = VersionName {
+                id: inner.next_version_id(),
+                deleted: false,
+            };
+            let new = MetaRecord {
+                key: dst.clone(),
+                mtime_ns: now_ns(),
+                metadata: new_meta.unwrap_or(rec.metadata.clone()),
+                ..rec.clone()
+            };
+            let bytes = record::encode_meta(&new);
+            let copy = JournaledVersion {
+                key: &dst,
+                v: &v,
+                record: &bytes,
+                layout: Layout::Link { key: &src, id: &id },
+            };
+            if delete_src {
+                let (marker_v, marker) = inner.marker(&src);
+                inner.write_journaled_all(&[
+                    copy,
+                    JournaledVersion {
+                        key: &src,
+                        v: &marker_v,
+                        record: &marker,
+                        layout: Layout::Marker,
+                    },
+                ])?;
+            } else {
+                inner.write_journaled_all(&[copy])?;
+            }
+            Ok(info_of(&new, &v.id))
+        })
+        .await
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StoreResult<T> + Send + 'static,
 ) -> StoreResult<T> {
@@ -397,6 +477,15 @@ fn worst(key: &str, errors: Vec<(usize, io::Error)>) -> StoreError {
 }
 
 /// Pairs per-replica results with replica indices and keeps the failures.
+/// A copy of `e` for a second report of the same failure (its errno kept: [`worst`] tells
+/// ENOSPC by it).
+fn copy_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 fn failures(
     results: Vec<io::Result<()>>,
     indices: impl Iterator<Item = usize>,
@@ -417,6 +506,14 @@ fn info_of(rec: &MetaRecord, id: &str) -> ObjectInfo {
         version_id: Some(id.to_string()),
         metadata: Some(rec.metadata.clone()),
     }
+}
+
+/// One version written through the journal (see [`Inner::write_journaled_all`]).
+struct JournaledVersion<'a> {
+    key: &'a str,
+    v: &'a VersionName,
+    record: &'a [u8],
+    layout: Layout<'a>,
 }
 
 /// What a journaled version writes into a replica's layout besides its record.
@@ -766,6 +863,30 @@ impl Inner {
         }))
     }
 
+    /// The record and version id of `key`'s version `id`, or of its newest. A version just
+    /// written whose layout files are still queued is taken from its journal entry, without
+    /// waiting for the workers: a rename's head and copy of the file just closed (rsync's
+    /// pattern) would otherwise wait for that file's layout files every time.
+    fn record_of(
+        self: &Arc<Self>,
+        key: &str,
+        id: Option<&str>,
+    ) -> StoreResult<(MetaRecord, String)> {
+        if id.is_none()
+            && let Some(e) = self.pending_version(key)
+        {
+            if e.data == EntryData::Marker {
+                return Err(StoreError::not_found(key));
+            }
+            let rec = record::decode_meta(&e.record)
+                .map_err(|d| StoreError::corrupt(key, format!("journal entry: {d}")))?;
+            return Ok((rec, e.id.clone()));
+        }
+        self.settle_for_read(key, id)?;
+        let (rec, id, ()) = self.read_version(key, id, |_, _, _| Ok(()))?;
+        Ok((rec, id))
+    }
+
     /// Reads a version from the first replica that serves it verified, collecting the
     /// replicas that are missing or fail verification. `read` runs on one replica's copy.
     fn read_version<T>(
@@ -894,6 +1015,12 @@ impl Inner {
     }
 
     fn put_marker(self: &Arc<Self>, key: &str) -> StoreResult<()> {
+        let (v, bytes) = self.marker(key);
+        self.write_journaled(key, &v, &bytes, Layout::Marker)
+    }
+
+    /// A new delete marker of `key`: its version and encoded record.
+    fn marker(&self, key: &str) -> (VersionName, Vec<u8>) {
         let v = VersionName {
             id: self.next_version_id(),
             deleted: true,
@@ -909,8 +1036,7 @@ impl Inner {
             metadata: Metadata::new(),
             sse: None,
         };
-        let bytes = record::encode_meta(&rec);
-        self.write_journaled(key, &v, &bytes, Layout::Marker)
+        (v, record::encode_meta(&rec))
     }
 
     /// The lock between writes of `key`'s files on replica `replica` and a checkpoint's
@@ -934,67 +1060,111 @@ impl Inner {
         record: &[u8],
         layout: Layout<'_>,
     ) -> StoreResult<()> {
-        let inline;
-        let entry = journal::encode(
+        self.write_journaled_all(&[JournaledVersion {
             key,
-            &v.id,
+            v,
             record,
-            match &layout {
-                Layout::Inline { stored, table } => {
-                    inline = [*stored, *table];
-                    EntryRef::Inline(&inline)
-                }
-                Layout::Link { key, id } => EntryRef::Link { key, id },
-                Layout::Marker => EntryRef::Marker,
-            },
-        );
+            layout,
+        }])
+    }
+
+    /// [`Self::write_journaled`] of several versions at once: their entries are appended in
+    /// order and made durable by one fdatasync per replica (a rename's copy and delete
+    /// marker). Replay stops at the first entry a crash tore, so what survives unacknowledged
+    /// is a prefix: a rename leaves the copy alone, never the delete alone. If any replica
+    /// fails, every one of them is cancelled.
+    fn write_journaled_all(self: &Arc<Self>, writes: &[JournaledVersion<'_>]) -> StoreResult<()> {
+        let Some(first) = writes.first() else {
+            return Ok(());
+        };
+        let entries: Vec<Vec<u8>> = writes
+            .iter()
+            .map(|w| {
+                let inline;
+                journal::encode(
+                    w.key,
+                    &w.v.id,
+                    w.record,
+                    match &w.layout {
+                        Layout::Inline { stored, table } => {
+                            inline = [*stored, *table];
+                            EntryRef::Inline(&inline)
+                        }
+                        Layout::Link { key, id } => EntryRef::Link { key, id },
+                        Layout::Marker => EntryRef::Marker,
+                    },
+                )
+            })
+            .collect();
         // Checked now, while the caller can still be told: the layout files are written
         // after the acknowledgement.
-        self.check_space(key, entry.len())?;
-        let (w, created) = self.journal.begin().map_err(|e| worst(key, vec![(0, e)]))?;
+        self.check_space(first.key, entries.iter().map(Vec::len).sum())?;
+        let (w, created) = self
+            .journal
+            .begin()
+            .map_err(|e| worst(first.key, vec![(0, e)]))?;
         if created {
             self.schedule_checkpoint();
         }
-        if let Layout::Link { key: src, .. } = &layout {
-            self.journal.note_link_source(src);
+        for write in writes {
+            if let Layout::Link { key: src, .. } = &write.layout {
+                self.journal.note_link_source(src);
+            }
         }
         let replicas: Vec<&Replica> = self.online().collect();
         let results = for_each_parallel(&replicas, |r| {
             self.injected(r.index)?;
             // What would refuse the layout files is refused now, while the caller can be
             // told.
-            layout::check_key_dirs(&r.objects, key)?;
-            w.log(r.index, &entry)
+            for write in writes {
+                layout::check_key_dirs(&r.objects, write.key)?;
+            }
+            w.log_all(r.index, &entries)
         });
         let errors = failures(results, replicas.iter().map(|r| r.index));
         if !errors.is_empty() {
-            let cancel = journal::encode(key, &v.id, b"", EntryRef::Cancel);
-            for r in &replicas {
-                let _ = w.log(r.index, &cancel);
+            for write in writes {
+                let cancel = journal::encode(write.key, &write.v.id, b"", EntryRef::Cancel);
+                for r in &replicas {
+                    let _ = w.log(r.index, &cancel);
+                }
             }
             drop(w);
-            return self.finish_commit(key, v, errors, &[], true);
+            let mut first_error = None;
+            for write in writes {
+                let errors = errors.iter().map(|(i, e)| (*i, copy_error(e))).collect();
+                if let Err(e) = self.finish_commit(write.key, write.v, errors, &[], true) {
+                    first_error.get_or_insert(e);
+                }
+            }
+            return Err(first_error.expect("a failed write has an error"));
         }
         let full = w.full();
-        let data = match layout {
-            Layout::Inline { stored, table } => EntryData::Inline([stored, table].concat()),
-            Layout::Link { key, id } => EntryData::Link {
-                key: key.to_string(),
-                id: id.to_string(),
-            },
-            Layout::Marker => EntryData::Marker,
-        };
-        let entry = journal::Entry {
-            key: key.to_string(),
-            id: v.id.clone(),
-            record: record.to_vec(),
-            data,
-        };
-        self.queue_layout(entry, w.into_hold());
+        let hold = Arc::new(w.into_hold());
+        for write in writes {
+            let data = match &write.layout {
+                Layout::Inline { stored, table } => EntryData::Inline([*stored, *table].concat()),
+                Layout::Link { key, id } => EntryData::Link {
+                    key: key.to_string(),
+                    id: id.to_string(),
+                },
+                Layout::Marker => EntryData::Marker,
+            };
+            let entry = journal::Entry {
+                key: write.key.to_string(),
+                id: write.v.id.clone(),
+                record: write.record.to_vec(),
+                data,
+            };
+            self.queue_layout(entry, hold.clone());
+        }
         if full {
             self.schedule_checkpoint();
         }
-        self.finish_commit(key, v, Vec::new(), &[], true)
+        for write in writes {
+            self.finish_commit(write.key, write.v, Vec::new(), &[], true)?;
+        }
+        Ok(())
     }
 
     /// Refuses a journaled write of `bytes` when a replica lacks the space (or inodes) for
@@ -1026,8 +1196,8 @@ impl Inner {
     }
 
     /// Hands a logged entry's layout files to every online replica's worker.
-    fn queue_layout(self: &Arc<Self>, entry: journal::Entry, hold: SegmentHold) {
-        let (entry, hold) = (Arc::new(entry), Arc::new(hold));
+    fn queue_layout(self: &Arc<Self>, entry: journal::Entry, hold: Arc<SegmentHold>) {
+        let entry = Arc::new(entry);
         let jobs = self.online().count();
         self.pending
             .lock()
@@ -2073,8 +2243,7 @@ impl ObjectStore for LocalStore {
         let id = opts.version_id.clone();
         let sse_req = opts.sse.clone();
         blocking(move || {
-            inner.settle_for_read(&k, id.as_deref())?;
-            let (rec, id, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
+            let (rec, id) = inner.record_of(&k, id.as_deref())?;
             sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
             Ok(info_of(&rec, &id))
         })
@@ -2170,67 +2339,20 @@ impl ObjectStore for LocalStore {
     }
 
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        validate_key(dst)?;
-        let put = PutOptions {
-            metadata: opts.metadata.clone().unwrap_or_default(),
-            sse: opts.sse.clone(),
-            checksum: None,
-        };
-        if opts.metadata.is_some() {
-            self.inner.validate_put(dst, &put)?;
-        } else {
-            self.inner.check_writable(dst)?;
+        self.copy_then_delete(src, dst, opts, false).await
+    }
+
+    /// The copy and the source's delete marker go into the journal together, made durable
+    /// by one fdatasync per replica: a file's rename (rsync renames every file it writes)
+    /// waits for one disk flush, not two, and a crash leaves the file under both names or
+    /// under the new one, never only the old.
+    async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
+        if src == dst {
+            return self.copy(src, dst, opts).await;
         }
-        let inner = self.inner.clone();
-        let (src, dst) = (src.to_string(), dst.to_string());
-        let new_meta = opts.metadata.clone();
-        let src_id = opts.source_version_id.clone();
-        let (src_sse, dst_sse) = (opts.source_sse.clone(), opts.sse.clone());
-        blocking(move || {
-            // Find a verified record of the source; the data file is shared by a hard link,
-            // so a copy moves no data (rename and metadata updates cost one small write).
-            // A source just written is copied from its journal entry: the copy's own entry
-            // queues behind the source's layout files on every replica.
-            let pending = src_id
-                .is_none()
-                .then(|| inner.pending_version(&src))
-                .flatten();
-            let (rec, id) = match pending {
-                Some(e) if e.data == EntryData::Marker => return Err(StoreError::not_found(&src)),
-                Some(e) => (
-                    record::decode_meta(&e.record)
-                        .map_err(|d| StoreError::corrupt(&src, format!("journal entry: {d}")))?,
-                    e.id.clone(),
-                ),
-                None => {
-                    inner.settle_for_read(&src, src_id.as_deref())?;
-                    let (rec, id, ()) =
-                        inner.read_version(&src, src_id.as_deref(), |_, _, _| Ok(()))?;
-                    (rec, id)
-                }
-            };
-            let src_key = sse::for_get(&src, rec.sse.as_ref(), &src_sse, inner.store_key())?;
-            if !sse::same_encryption(rec.sse.as_ref(), &dst_sse) {
-                inner.settle();
-                let metadata = new_meta.unwrap_or(rec.metadata.clone());
-                return inner.copy_reencrypting(&src, &id, &rec, src_key, &dst, metadata, &dst_sse);
-            }
-            let v = VersionName {
-                id: inner.next_version_id(),
-                deleted: false,
-            };
-            let new = MetaRecord {
-                key: dst.clone(),
-                mtime_ns: now_ns(),
-                metadata: new_meta.unwrap_or(rec.metadata.clone()),
-                ..rec.clone()
-            };
-            let bytes = record::encode_meta(&new);
-            let layout = Layout::Link { key: &src, id: &id };
-            inner.write_journaled(&dst, &v, &bytes, layout)?;
-            Ok(info_of(&new, &v.id))
-        })
-        .await
+        validate_key(src)?;
+        self.inner.check_writable(src)?;
+        self.copy_then_delete(src, dst, opts, true).await
     }
 
     async fn versioning_enabled(&self) -> StoreResult<bool> {
