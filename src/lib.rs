@@ -8,6 +8,7 @@
 //! - [`store`]: the [`store::ObjectStore`] trait and its backends.
 
 pub mod blocking;
+pub mod buffers;
 pub mod cache;
 pub mod config;
 pub mod control;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub use error::CryptError;
 
+use crate::buffers::GET_BUFFERS;
 use crate::store::Metadata;
 use content::ContentCipher;
 use envelope::Envelope;
@@ -203,9 +204,10 @@ impl ObjectCipher {
         }
     }
 
-    /// [`Self::open`] without a copy: the chunks come back as slices of `stored`'s buffer,
-    /// opened in place (copied once first only if someone else holds it too), with the size
-    /// of that buffer (which the slices keep alive).
+    /// [`Self::open`] into one buffer: the chunks come back as slices of it, opened in place,
+    /// with the size of that buffer (which the slices keep alive). A read-ahead segment is
+    /// opened in a buffer of [`GET_BUFFERS`]; anything else in `stored`'s own (copied first
+    /// only if someone else holds it too).
     pub fn open_shared(
         &self,
         chunks: std::ops::Range<u64>,
@@ -213,6 +215,25 @@ impl ObjectCipher {
         stored: bytes::Bytes,
     ) -> Result<(Vec<bytes::Bytes>, usize), CryptError> {
         match &self.cipher {
+            Some(c) if GET_BUFFERS.suits(stored.len()) => {
+                // Opened in a pooled buffer, which the chunks give back when the cache
+                // drops the last of them: a copy into memory already mapped costs far less
+                // than faulting in fresh pages, and `stored` (pooled too) goes back now.
+                let mut buf = GET_BUFFERS.for_len(stored.len());
+                buf.extend_from_slice(&stored);
+                drop(stored);
+                let held = buf.capacity();
+                match c.open_chunks_in_place(chunks, plain_size, &mut buf) {
+                    Ok(ranges) => {
+                        let plain = GET_BUFFERS.shared(buf);
+                        Ok((ranges.into_iter().map(|r| plain.slice(r)).collect(), held))
+                    }
+                    Err(e) => {
+                        GET_BUFFERS.give(buf);
+                        Err(e)
+                    }
+                }
+            }
             Some(c) => {
                 let mut buf = stored
                     .try_into_mut()

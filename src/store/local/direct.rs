@@ -23,6 +23,8 @@ use std::ptr::NonNull;
 
 use parking_lot::Mutex;
 
+use crate::buffers::GET_BUFFERS;
+
 /// Alignment of buffers, offsets and lengths of direct reads and writes: the largest logical
 /// block size in common use (4Kn disks); 512-byte devices accept it too.
 pub const ALIGN: usize = 4096;
@@ -250,7 +252,7 @@ pub fn read(file: &File, start: u64, want: usize) -> io::Result<Option<(Vec<u8>,
     }
     let fd = file.as_raw_fd();
     let len = want.next_multiple_of(ALIGN);
-    let mut buf: Vec<u8> = Vec::with_capacity(len + ALIGN);
+    let mut buf = GET_BUFFERS.for_len(len + ALIGN);
     let base = buf.as_ptr().align_offset(ALIGN);
     // The bytes before the aligned start are never read, but a Vec's bytes must be set.
     for b in &mut buf.spare_capacity_mut()[..base] {

@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use serde::{Deserialize, Serialize};
 
 use super::direct;
+use crate::buffers::GET_BUFFERS;
 use crate::store::Metadata;
 
 pub const BLOCK_SIZE: u32 = 64 * 1024;
@@ -235,9 +236,11 @@ pub fn read_verified_bytes(
         // A small range that straddles checksum blocks (one 64 KiB chunk and its tag span
         // two): a copy of just the range, or a cache holding its slice would keep both
         // blocks alive (and charge them).
-        return Ok(Ok(bytes::Bytes::copy_from_slice(&span[from..to])));
+        let out = bytes::Bytes::copy_from_slice(&span[from..to]);
+        GET_BUFFERS.give(data);
+        return Ok(Ok(out));
     }
-    Ok(Ok(bytes::Bytes::from(data).slice(base + from..base + to)))
+    Ok(Ok(GET_BUFFERS.bytes(data).slice(base + from..base + to)))
 }
 
 /// Spans at least this long that the page cache does not hold are read around it
@@ -260,7 +263,7 @@ fn read_span(file: &File, start: u64, want: usize) -> io::Result<(Vec<u8>, usize
     // Read into spare capacity: zeroing a multi-MiB buffer first would cost as much as the
     // checksums.
     use std::io::{Read, Seek};
-    let mut data = Vec::with_capacity(want);
+    let mut data = GET_BUFFERS.for_len(want);
     let mut f = file;
     f.seek(io::SeekFrom::Start(start))?;
     f.take(want as u64).read_to_end(&mut data)?;

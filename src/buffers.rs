@@ -1,0 +1,185 @@
+//! Reused buffers: pools of idle buffers of one size, and `Bytes` that give their buffer
+//! back to its pool when the last of them is dropped.
+//!
+//! Fresh from the allocator, a buffer of more than a few hundred KiB is a new mapping that
+//! the kernel faults in page by page, zeroes and charges to the memory cgroup, and unmaps
+//! again when it is freed (glibc's mmap threshold is fixed, see `mount::limit_heap_growth`).
+//! On the bench machine that cost more than the work done in the buffer: in a cold read
+//! from S3, zeroing fresh pages was a quarter of the mount's CPU and decryption a twentieth.
+//! A pool keeps a few idle buffers of each size, so their memory is bounded and small.
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+/// A stack of idle buffers of at least `capacity` bytes.
+pub struct BufferPool {
+    capacity: usize,
+    keep: usize,
+    idle: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    pub const fn new(capacity: usize, keep: usize) -> BufferPool {
+        BufferPool {
+            capacity,
+            keep,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The size of the buffers this pool keeps.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether `len` bytes are worth one of this pool's buffers: they fit, and fill at least
+    /// half of it (a small get in a pooled buffer would pin, and be charged for, all of it
+    /// while its chunks are cached).
+    pub fn suits(&self, len: usize) -> bool {
+        len <= self.capacity && len >= self.capacity / 2
+    }
+
+    /// An empty buffer for `len` bytes: one of the pool's where [`Self::suits`] says so,
+    /// else a new one of that size.
+    pub fn for_len(&self, len: usize) -> Vec<u8> {
+        if !self.suits(len) {
+            return Vec::with_capacity(len);
+        }
+        let mut v = self.take();
+        v.clear();
+        v
+    }
+
+    /// A buffer with room for at least `capacity` bytes: empty, or as [`Self::give_filled`]
+    /// gave it back.
+    pub fn take(&self) -> Vec<u8> {
+        match self.idle.lock().pop() {
+            Some(v) => v,
+            None => Vec::with_capacity(self.capacity),
+        }
+    }
+
+    /// A buffer holding a copy of `data`, from the pool when `data` fits one.
+    pub fn copy_of(&self, data: &[u8]) -> Vec<u8> {
+        if data.len() > self.capacity {
+            return data.to_vec();
+        }
+        let mut v = self.take();
+        v.clear();
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Gives a buffer back for reuse (dropped if the pool is full or it is of another size:
+    /// a buffer that grew stays out, so the pool's memory stays bounded).
+    pub fn give(&self, mut v: Vec<u8>) {
+        v.clear();
+        self.give_filled(v);
+    }
+
+    /// [`Self::give`], keeping the contents: for a taker that overwrites them (a memset of
+    /// a whole buffer saved per use).
+    pub fn give_filled(&self, v: Vec<u8>) {
+        if !self.keeps(v.capacity()) {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < self.keep {
+            idle.push(v);
+        }
+    }
+
+    /// `v` as `Bytes` whose buffer comes back to this pool when the last `Bytes` sharing it
+    /// (slices included) is dropped.
+    pub fn shared(&'static self, v: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled { buf: v, pool: self })
+    }
+
+    /// [`Self::shared`] for a buffer of this pool's size; any other is plain `Bytes` (which,
+    /// unlike an owned buffer, can be taken back as mutable without a copy).
+    pub fn bytes(&'static self, v: Vec<u8>) -> Bytes {
+        if self.keeps(v.capacity()) {
+            self.shared(v)
+        } else {
+            Bytes::from(v)
+        }
+    }
+
+    fn keeps(&self, capacity: usize) -> bool {
+        (self.capacity..=2 * self.capacity).contains(&capacity)
+    }
+}
+
+/// A pooled buffer owned by `Bytes` (see [`BufferPool::shared`]).
+struct Pooled {
+    buf: Vec<u8>,
+    pool: &'static BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give_filled(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Buffers of store gets: a read-ahead segment of ciphertext (2 MiB of plaintext and its
+/// tags), with room for the local store's whole checksum blocks around it and the
+/// alignment of a direct read. Each holds chunks in the chunk cache until they are
+/// evicted, then serves the next get.
+pub const GET_BUFFER_BYTES: usize = (2 << 20) + (256 << 10);
+/// Idle get buffers kept: gets take them as fast as the cache gives them back.
+pub const GET_BUFFERS_KEPT: usize = 4;
+pub static GET_BUFFERS: BufferPool = BufferPool::new(GET_BUFFER_BYTES, GET_BUFFERS_KEPT);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_and_the_pool_stays_bounded() {
+        let pool = BufferPool::new(1024, 2);
+        let a = pool.copy_of(b"abc");
+        assert_eq!(a, b"abc");
+        let ptr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take();
+        assert!(b.is_empty());
+        assert_eq!(b.as_ptr(), ptr, "the same buffer came back");
+        // Too large to copy into a pooled buffer: a plain copy.
+        assert_eq!(pool.copy_of(&[7u8; 4096]).len(), 4096);
+        // At most two idle buffers; odd sizes are not kept.
+        for _ in 0..5 {
+            pool.give(Vec::with_capacity(1024));
+        }
+        pool.give(Vec::with_capacity(10));
+        assert_eq!(pool.idle.lock().len(), 2);
+    }
+
+    #[test]
+    fn shared_bytes_give_their_buffer_back_when_the_last_slice_goes() {
+        static POOL: BufferPool = BufferPool::new(64, 2);
+        let mut v = POOL.take();
+        v.extend_from_slice(&[9u8; 40]);
+        let ptr = v.as_ptr();
+        let whole = POOL.shared(v);
+        let part = whole.slice(10..20);
+        drop(whole);
+        assert!(POOL.idle.lock().is_empty(), "a slice still holds it");
+        assert_eq!(&part[..], &[9u8; 10]);
+        drop(part);
+        let again = POOL.take();
+        assert_eq!(again.as_ptr(), ptr, "the same buffer came back");
+        assert_eq!(again.len(), 40, "with its contents, to be overwritten");
+        // A small get gets a buffer of its own size, plain Bytes, never a pooled one.
+        assert!(!POOL.suits(31) && POOL.suits(32) && POOL.suits(64) && !POOL.suits(65));
+        assert_eq!(POOL.for_len(8).capacity(), 8);
+        let small = POOL.bytes(POOL.for_len(8));
+        assert!(small.try_into_mut().is_ok(), "mutable again without a copy");
+    }
+}
