@@ -126,6 +126,26 @@ impl NameCipherStore {
         })
     }
 
+    /// A copy (or with `rename`, a move) of `src` to `dst`, both by their stored names.
+    async fn copy_or_rename(
+        &self,
+        src: &str,
+        dst: &str,
+        opts: &CopyOptions,
+        rename: bool,
+    ) -> StoreResult<ObjectInfo> {
+        let s = self.encrypt_key(src).await?;
+        let d = self.encrypt_key(dst).await?;
+        self.ensure_sidecars(&d).await?;
+        let mut info = if rename {
+            self.inner.rename(&s.key, &d.key, opts).await?
+        } else {
+            self.inner.copy(&s.key, &d.key, opts).await?
+        };
+        info.key = dst.to_string();
+        Ok(info)
+    }
+
     /// Writes the sidecars a key needs that are not known to exist.
     async fn ensure_sidecars(&self, enc: &Encrypted) -> StoreResult<()> {
         for (sidecar, encoding) in &enc.sidecars {
@@ -346,21 +366,11 @@ impl ObjectStore for NameCipherStore {
     }
 
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        let s = self.encrypt_key(src).await?;
-        let d = self.encrypt_key(dst).await?;
-        self.ensure_sidecars(&d).await?;
-        let mut info = self.inner.copy(&s.key, &d.key, opts).await?;
-        info.key = dst.to_string();
-        Ok(info)
+        self.copy_or_rename(src, dst, opts, false).await
     }
 
     async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        let s = self.encrypt_key(src).await?;
-        let d = self.encrypt_key(dst).await?;
-        self.ensure_sidecars(&d).await?;
-        let mut info = self.inner.rename(&s.key, &d.key, opts).await?;
-        info.key = dst.to_string();
-        Ok(info)
+        self.copy_or_rename(src, dst, opts, true).await
     }
 
     async fn versioning_enabled(&self) -> StoreResult<bool> {

@@ -35,6 +35,39 @@ impl SseKeyHistory {
     }
 
     /// Runs `op` with the caller's SSE, then, if the key was wrong, with each older key.
+    /// A copy (or with `rename`, a move) of `src`, read with whichever key of the history
+    /// opens it. The result is written under the caller's (current) key: copying rekeys old
+    /// objects.
+    async fn copy_or_rename(
+        &self,
+        src: &str,
+        dst: &str,
+        opts: &CopyOptions,
+        rename: bool,
+    ) -> StoreResult<ObjectInfo> {
+        let info = self
+            .with_history(src, &opts.source_sse, |source_sse| {
+                let o = CopyOptions {
+                    source_sse,
+                    ..opts.clone()
+                };
+                async move {
+                    if rename {
+                        self.inner.rename(src, dst, &o).await
+                    } else {
+                        self.inner.copy(src, dst, &o).await
+                    }
+                }
+            })
+            .await?;
+        let mut known = self.known.lock();
+        known.remove(dst);
+        if rename {
+            known.remove(src);
+        }
+        Ok(info)
+    }
+
     async fn with_history<T, F, Fut>(&self, key: &str, sse: &Sse, op: F) -> StoreResult<T>
     where
         F: Fn(Sse) -> Fut,
@@ -136,34 +169,11 @@ impl ObjectStore for SseKeyHistory {
     }
 
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        // The copy is written under the caller's (current) key: copying rekeys old objects.
-        let info = self
-            .with_history(src, &opts.source_sse, |source_sse| {
-                let o = CopyOptions {
-                    source_sse,
-                    ..opts.clone()
-                };
-                async move { self.inner.copy(src, dst, &o).await }
-            })
-            .await?;
-        self.known.lock().remove(dst);
-        Ok(info)
+        self.copy_or_rename(src, dst, opts, false).await
     }
 
     async fn rename(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        let info = self
-            .with_history(src, &opts.source_sse, |source_sse| {
-                let o = CopyOptions {
-                    source_sse,
-                    ..opts.clone()
-                };
-                async move { self.inner.rename(src, dst, &o).await }
-            })
-            .await?;
-        let mut known = self.known.lock();
-        known.remove(dst);
-        known.remove(src);
-        Ok(info)
+        self.copy_or_rename(src, dst, opts, true).await
     }
 
     async fn versioning_enabled(&self) -> StoreResult<bool> {
