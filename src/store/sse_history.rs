@@ -34,7 +34,6 @@ impl SseKeyHistory {
         }
     }
 
-    /// Runs `op` with the caller's SSE, then, if the key was wrong, with each older key.
     /// A copy (or with `rename`, a move) of `src`, read with whichever key of the history
     /// opens it. The result is written under the caller's (current) key: copying rekeys old
     /// objects.
@@ -68,6 +67,7 @@ impl SseKeyHistory {
         Ok(info)
     }
 
+    /// Runs `op` with the caller's SSE, then, if the key was wrong, with each older key.
     async fn with_history<T, F, Fut>(&self, key: &str, sse: &Sse, op: F) -> StoreResult<T>
     where
         F: Fn(Sse) -> Fut,

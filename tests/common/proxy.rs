@@ -107,14 +107,22 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// Where a request's body starts: just past the blank line that ends its head.
+fn body_start(request: &[u8]) -> Option<usize> {
+    request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+}
+
 /// Reads one request head (through the blank line) and its Content-Length body.
 async fn read_request(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Option<Vec<u8>>> {
     let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
+        if let Some(p) = body_start(buf) {
+            break p;
         }
         let mut chunk = [0u8; 16384];
         let n = client.read(&mut chunk).await?;
@@ -148,12 +156,11 @@ async fn read_request(
 
 /// Counts a PUT with a body as signed or unsigned (its `x-amz-content-sha256`).
 fn count_payload_signing(request: &[u8], stats: &ProxyStats) {
-    let head_end = request
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(0);
-    let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
-    if !head.starts_with("put ") || request.len() == head_end + 4 {
+    let Some(body) = body_start(request) else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&request[..body]).to_ascii_lowercase();
+    if !head.starts_with("put ") || request.len() == body {
         return;
     }
     let hash = head
@@ -167,7 +174,7 @@ fn count_payload_signing(request: &[u8], stats: &ProxyStats) {
 
 /// The request with `Connection: close`, so that the server's answer ends at its EOF.
 fn with_connection_close(request: &[u8]) -> Vec<u8> {
-    let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head_end = body_start(request).unwrap();
     let head = String::from_utf8_lossy(&request[..head_end - 4]);
     let mut out = String::new();
     for line in head.split("\r\n") {

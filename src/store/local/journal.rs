@@ -419,18 +419,16 @@ pub struct JournalWrite<'a> {
 impl JournalWrite<'_> {
     /// Appends `entry` to replica `replica`'s log and waits until it is durable there.
     pub fn log(&self, replica: usize, entry: &[u8]) -> io::Result<()> {
-        let log = self.hold.0.log(replica)?;
-        let end = log.append(entry)?;
-        log.sync_to(end, &self.journal.syncs)
+        self.log_all(replica, &[entry])
     }
 
     /// Appends `entries`, in order, to replica `replica`'s log and waits until they are all
     /// durable there (one fdatasync for them all).
-    pub fn log_all(&self, replica: usize, entries: &[Vec<u8>]) -> io::Result<()> {
+    pub fn log_all(&self, replica: usize, entries: &[impl AsRef<[u8]>]) -> io::Result<()> {
         let log = self.hold.0.log(replica)?;
         let mut end = 0;
         for entry in entries {
-            end = log.append(entry)?;
+            end = log.append(entry.as_ref())?;
         }
         log.sync_to(end, &self.journal.syncs)
     }

@@ -476,7 +476,6 @@ fn worst(key: &str, errors: Vec<(usize, io::Error)>) -> StoreError {
     }
 }
 
-/// Pairs per-replica results with replica indices and keeps the failures.
 /// A copy of `e` for a second report of the same failure (its errno kept: [`worst`] tells
 /// ENOSPC by it).
 fn copy_error(e: &io::Error) -> io::Error {
@@ -486,6 +485,7 @@ fn copy_error(e: &io::Error) -> io::Error {
     }
 }
 
+/// Pairs per-replica results with replica indices and keeps the failures.
 fn failures(
     results: Vec<io::Result<()>>,
     indices: impl Iterator<Item = usize>,
