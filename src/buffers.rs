@@ -6,16 +6,31 @@
 //! again when it is freed (glibc's mmap threshold is fixed, see `mount::limit_heap_growth`).
 //! On the bench machine that cost more than the work done in the buffer: in a cold read
 //! from S3, zeroing fresh pages was a quarter of the mount's CPU and decryption a twentieth.
-//! A pool keeps a few idle buffers of each size, so their memory is bounded and small.
+//! A pool keeps a few idle buffers of each size, so their memory is bounded and small; and
+//! it gives them up when the memory budget needs the room ([`BufferPool::release`]) or when
+//! nothing took one for a while ([`BufferPool::trim_if_unused`]), so an idle mount holds none.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+
+/// Bytes held by idle buffers in all pools.
+static IDLE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes held by idle buffers in all pools: memory the process holds that no reservation of
+/// the memory budget accounts for.
+pub fn idle_bytes() -> usize {
+    IDLE_BYTES.load(Ordering::Relaxed)
+}
 
 /// A stack of idle buffers of at least `capacity` bytes.
 pub struct BufferPool {
     capacity: usize,
     keep: usize,
     idle: Mutex<Vec<Vec<u8>>>,
+    /// Whether a buffer was taken since the last [`Self::trim_if_unused`].
+    used: AtomicBool,
 }
 
 impl BufferPool {
@@ -24,6 +39,7 @@ impl BufferPool {
             capacity,
             keep,
             idle: Mutex::new(Vec::new()),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -53,9 +69,34 @@ impl BufferPool {
     /// A buffer with room for at least `capacity` bytes: empty, or as [`Self::give_filled`]
     /// gave it back.
     pub fn take(&self) -> Vec<u8> {
+        self.used.store(true, Ordering::Relaxed);
         match self.idle.lock().pop() {
-            Some(v) => v,
+            Some(v) => {
+                IDLE_BYTES.fetch_sub(v.capacity(), Ordering::Relaxed);
+                v
+            }
             None => Vec::with_capacity(self.capacity),
+        }
+    }
+
+    /// Frees idle buffers until at least `bytes` are freed or none is left; returns the
+    /// bytes freed.
+    pub fn release(&self, bytes: usize) -> usize {
+        let mut freed = 0;
+        let mut idle = self.idle.lock();
+        while freed < bytes {
+            let Some(v) = idle.pop() else { break };
+            freed += v.capacity();
+        }
+        IDLE_BYTES.fetch_sub(freed, Ordering::Relaxed);
+        freed
+    }
+
+    /// Frees every idle buffer if none was taken since the last call: a pool that a burst of
+    /// work filled does not hold its memory for good once the work is over.
+    pub fn trim_if_unused(&self) {
+        if !self.used.swap(false, Ordering::Relaxed) {
+            self.release(usize::MAX);
         }
     }
 
@@ -85,6 +126,7 @@ impl BufferPool {
         }
         let mut idle = self.idle.lock();
         if idle.len() < self.keep {
+            IDLE_BYTES.fetch_add(v.capacity(), Ordering::Relaxed);
             idle.push(v);
         }
     }
@@ -181,5 +223,25 @@ mod tests {
         assert_eq!(POOL.for_len(8).capacity(), 8);
         let small = POOL.bytes(POOL.for_len(8));
         assert!(small.try_into_mut().is_ok(), "mutable again without a copy");
+    }
+
+    #[test]
+    fn idle_buffers_are_released_on_demand_and_when_unused() {
+        let pool = BufferPool::new(1000, 3);
+        for _ in 0..3 {
+            pool.give(Vec::with_capacity(1000));
+        }
+        assert_eq!(pool.idle.lock().len(), 3);
+        // Asked for 1,500 bytes: two buffers go, one stays.
+        assert_eq!(pool.release(1500), 2000);
+        assert_eq!(pool.idle.lock().len(), 1);
+        // Taken since the last trim: kept; then a trim with no take in between frees it.
+        let v = pool.take();
+        pool.give(v);
+        pool.trim_if_unused();
+        assert_eq!(pool.idle.lock().len(), 1);
+        pool.trim_if_unused();
+        assert!(pool.idle.lock().is_empty());
+        assert_eq!(pool.release(1), 0, "nothing left to free");
     }
 }

@@ -251,6 +251,14 @@ pub fn run(
             }
         })
     };
+    // Buffer pools that a burst of work filled and nothing used since give their memory back.
+    rt.spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            crate::cache::buffers::trim_unused();
+        }
+    });
     let scrubber = opts.scrub.clone().map(|(store, every)| {
         rt.spawn(async move {
             let mut tick = tokio::time::interval(every);

@@ -1,6 +1,8 @@
 //! A global memory budget for write buffers and read-ahead, in units of 64 KiB: writers wait
 //! while it is spent (slowing them down instead of growing without bound), read-ahead takes
 //! only what is free (it is an optimisation, and waiting for it would delay nobody's data).
+//! Idle pooled buffers ([`crate::buffers`]) count as spent too: a reservation that would
+//! take the process past the budget with them frees them first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +54,7 @@ impl MemoryBudget {
         if n == 0 {
             return Reservation::none();
         }
+        self.make_room(n);
         if let Ok(p) = self.sem.clone().try_acquire_many_owned(n) {
             return Reservation(Some(p));
         }
@@ -72,11 +75,23 @@ impl MemoryBudget {
         if n == 0 {
             return Some(Reservation::none());
         }
+        self.make_room(n);
         self.sem
             .clone()
             .try_acquire_many_owned(n)
             .ok()
             .map(|p| Reservation(Some(p)))
+    }
+
+    /// Frees idle pooled buffers that, with `units` more reserved, would take the process
+    /// past the budget.
+    fn make_room(&self, units: u32) {
+        let wanted = self.in_use() + units as usize * UNIT;
+        let idle = crate::buffers::idle_bytes();
+        let limit = self.units as usize * UNIT;
+        if wanted + idle > limit {
+            crate::cache::buffers::release_idle(wanted + idle - limit);
+        }
     }
 
     /// Bytes reserved now.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::buffers::{BufferPool, PART_BUFFERS_KEPT};
+use super::buffers::{PART_BUFFER_BYTES, PART_BUFFERS, SEALED_BUFFERS};
 use super::memory::{MemoryBudget, Reservation};
 use crate::crypt::ObjectCipher;
 use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits, StoreResult};
@@ -20,13 +20,6 @@ use crate::store::{ObjectInfo, ObjectStore, PutOptions, StoreError, StoreLimits,
 pub const PARTS_IN_FLIGHT: usize = 1;
 /// The largest [`StoreLimits::part_size`] of the stores: the pooled part buffers' size.
 pub const BASE_PART: u64 = 8 << 20;
-/// Capacity of the pooled part buffers: a base part and one more FUSE write.
-const PART_BUFFER_BYTES: usize = BASE_PART as usize + (1 << 20);
-/// Part buffers given back after sealing, for the next part of any file.
-static PART_BUFFERS: BufferPool = BufferPool::new(PART_BUFFER_BYTES, PART_BUFFERS_KEPT);
-/// Sealed parts' buffers, given back once the store has a part.
-static SEALED_BUFFERS: BufferPool =
-    BufferPool::new(BASE_PART as usize + (64 << 10), PART_BUFFERS_KEPT);
 /// Plaintext sealed on the writer's own thread rather than the blocking pool.
 const INLINE_SEAL_BYTES: usize = 64 << 10;
 /// Parts of each size before the size doubles (so 10,000 parts reach far beyond 1 TiB).
