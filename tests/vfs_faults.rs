@@ -85,3 +85,98 @@ async fn store_failures_surface_as_errnos_and_other_files_keep_working() {
             >= 2
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overwriting_whole_chunks_reads_none_of_them_from_the_store() {
+    use std::sync::atomic::Ordering;
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    // 64 KiB chunks; a file of 4 chunks and a half.
+    let chunk = 1 << 16;
+    let old: Vec<u8> = (0..4 * chunk + chunk / 2)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    write_file(&v, "f", &old).await.unwrap();
+
+    // A fresh mount (nothing cached) overwrites chunks 0 and 1 whole, the half of chunk 2,
+    // and the last chunk to the end of the file.
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    let e = v.lookup(ROOT, "f").await.unwrap();
+    let fh = v.open(e.ino, false).await.unwrap();
+    let calls = || faulty.stats().calls.load(Ordering::SeqCst);
+    let before = calls();
+    v.write(e.ino, 0, &vec![7u8; 2 * chunk]).await.unwrap();
+    v.write(e.ino, 4 * chunk as u64, &vec![8u8; chunk / 2])
+        .await
+        .unwrap();
+    assert_eq!(
+        calls(),
+        before,
+        "whole chunks overwritten: nothing to fetch"
+    );
+    // Half a chunk needs the other half from the store.
+    v.write(e.ino, 2 * chunk as u64, &vec![9u8; chunk / 2])
+        .await
+        .unwrap();
+    assert!(
+        calls() > before,
+        "a partial chunk is merged with its old content"
+    );
+    v.release(e.ino, fh).await.unwrap();
+
+    let mut want = old.clone();
+    want[..2 * chunk].fill(7);
+    want[2 * chunk..2 * chunk + chunk / 2].fill(9);
+    want[4 * chunk..].fill(8);
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    let e = fresh.lookup(ROOT, "f").await.unwrap();
+    let fh = fresh.open(e.ino, false).await.unwrap();
+    let got = fresh.read(e.ino, 0, want.len() as u32).await.unwrap();
+    fresh.release(e.ino, fh).await.unwrap();
+    assert!(got == want, "content after the overwrites");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_file_reads_its_unchanged_chunks_in_whole_segments() {
+    use std::sync::atomic::Ordering;
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    // 64 KiB chunks: a file of 48 of them.
+    let old: Vec<u8> = (0..48 << 16).map(|i| (i % 253) as u8).collect();
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    write_file(&v, "f", &old).await.unwrap();
+
+    // A fresh mount changes one byte in the middle, reads 1 MiB around it, then appends.
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    let e = v.lookup(ROOT, "f").await.unwrap();
+    let fh = v.open(e.ino, false).await.unwrap();
+    let calls = || faulty.stats().calls.load(Ordering::SeqCst);
+    v.write(e.ino, 20 << 16, b"X").await.unwrap();
+    let before = calls();
+    let got = v.read(e.ino, 16 << 16, 1 << 20).await.unwrap();
+    let mut want = old.clone();
+    want[20 << 16] = b'X';
+    assert!(got[..] == want[16 << 16..32 << 16]);
+    assert!(
+        calls() - before <= 2,
+        "16 chunks read in {} calls, not one get each",
+        calls() - before
+    );
+    // The commit rewrites the object: its 47 unchanged chunks come in whole segments.
+    v.write(e.ino, old.len() as u64, b"tail").await.unwrap();
+    let before = calls();
+    v.release(e.ino, fh).await.unwrap();
+    assert!(
+        calls() - before <= 12,
+        "a 3 MiB rewrite in {} calls, not one get per chunk",
+        calls() - before
+    );
+    want.extend_from_slice(b"tail");
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    let e = fresh.lookup(ROOT, "f").await.unwrap();
+    let fh = fresh.open(e.ino, false).await.unwrap();
+    let got = fresh.read(e.ino, 0, want.len() as u32).await.unwrap();
+    fresh.release(e.ino, fh).await.unwrap();
+    assert!(got == want, "content after the changes");
+}

@@ -11,6 +11,8 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::cache::buffers::READ_BUFFERS;
 use crate::cache::staging::{StagingFile, StagingKey};
 use crate::cache::upload::StreamingWriter;
@@ -18,6 +20,10 @@ use crate::cache::{ChunkCache, CommittedObject};
 use crate::crypt::Crypt;
 use crate::error::{FsError, FsResult};
 use crate::store::{GetOptions, Metadata, ObjectInfo, ObjectStore, PutOptions, Sse};
+
+/// Plaintext of the committed object fetched at a time while a staged file is rewritten:
+/// four read-ahead segments, so their gets run in parallel.
+const REWRITE_WINDOW_BYTES: u64 = 8 << 20;
 
 /// What a file operation needs from the mount.
 pub struct FileCtx<'a> {
@@ -198,8 +204,10 @@ impl FileData {
                     n if n <= 1 << 20 => READ_BUFFERS.take(),
                     n => Vec::with_capacity(n),
                 };
-                for i in offset / chunk..end.div_ceil(chunk) {
-                    let data = self.chunk_content(ctx, key, i).await?;
+                let chunks = offset / chunk..end.div_ceil(chunk);
+                let base = self.base_chunks(ctx, key, chunks.clone()).await?;
+                for (i, b) in chunks.zip(base) {
+                    let data = self.chunk_content(ctx, key, i, b).await?;
                     let base = i * chunk;
                     let from = offset.saturating_sub(base) as usize;
                     let to = (end - base).min(chunk) as usize;
@@ -280,7 +288,14 @@ impl FileData {
 
     /// The current plaintext of chunk `i` of a staged file (zeros past the base's valid
     /// bytes), as long as the file's size makes it.
-    async fn chunk_content(&mut self, ctx: &FileCtx<'_>, key: &str, i: u64) -> FsResult<Vec<u8>> {
+    /// `base` is the committed object's chunk `i` if [`Self::base_chunks`] fetched it.
+    async fn chunk_content(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        i: u64,
+        base: Option<Bytes>,
+    ) -> FsResult<Vec<u8>> {
         let chunk = ctx.crypt.geometry().chunk;
         let Content::Staged(s) = &self.content else {
             unreachable!("chunk_content on a staged file only")
@@ -292,10 +307,14 @@ impl FileData {
                 let base_valid = s.base_valid;
                 let start = i * chunk;
                 if start < base_valid && self.exists {
-                    let obj = self.committed(ctx, key).await?;
-                    let mut d = obj
-                        .read(ctx.store.as_ref(), ctx.cache, start..start + chunk)
-                        .await?;
+                    let mut d = match base {
+                        Some(b) => b.to_vec(),
+                        None => {
+                            let obj = self.committed(ctx, key).await?;
+                            obj.read(ctx.store.as_ref(), ctx.cache, start..start + chunk)
+                                .await?
+                        }
+                    };
                     d.truncate((base_valid - start) as usize);
                     d
                 } else {
@@ -305,6 +324,45 @@ impl FileData {
         };
         data.resize(want, 0);
         Ok(data)
+    }
+
+    /// The committed object's plaintext of those of `chunks` that a staged file still reads
+    /// from it (not staged, below the base's valid bytes), in one read that fetches whole
+    /// segments in parallel: a get per 64 KiB chunk made a read of a changed file, and the
+    /// rewrite of a large file at commit, wait on thousands of small gets. `None` where a
+    /// chunk needs nothing from the object.
+    async fn base_chunks(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        chunks: Range<u64>,
+    ) -> FsResult<Vec<Option<Bytes>>> {
+        let chunk = ctx.crypt.geometry().chunk;
+        let Content::Staged(s) = &self.content else {
+            unreachable!("base_chunks on a staged file only")
+        };
+        let mut out = vec![None; (chunks.end - chunks.start) as usize];
+        let needed: Vec<u64> = chunks
+            .clone()
+            .filter(|&i| {
+                self.exists
+                    && i * chunk < s.base_valid
+                    && !s.staging.as_ref().is_some_and(|st| st.contains(i))
+            })
+            .collect();
+        let (Some(&first), Some(&last)) = (needed.first(), needed.last()) else {
+            return Ok(out);
+        };
+        let obj = self.committed(ctx, key).await?;
+        let data = obj
+            .read_chunks(ctx.store.as_ref(), ctx.cache, first..last + 1)
+            .await?;
+        for (i, d) in (first..).zip(data) {
+            if needed.binary_search(&i).is_ok() {
+                out[(i - chunks.start) as usize] = Some(d);
+            }
+        }
+        Ok(out)
     }
 
     fn staged_mut(&mut self) -> &mut Staged {
@@ -385,18 +443,29 @@ impl FileData {
             }
             s.size = s.size.max(end);
         }
+        let size = self.size();
         for i in offset / chunk..end.div_ceil(chunk) {
-            let mut content = self.chunk_content(ctx, key, i).await?;
             let base = i * chunk;
             let from = offset.max(base);
             let to = end.min(base + chunk);
-            content[(from - base) as usize..(to - base) as usize]
-                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            let new_bytes = &data[(from - offset) as usize..(to - offset) as usize];
+            // A chunk the write covers to its end in the file needs none of its old
+            // content: fetching it from the store made a sequential overwrite of a large
+            // file one get per chunk, at a tenth of the speed of a fresh write.
+            let merged;
+            let content = if from == base && to == size.min(base + chunk) {
+                new_bytes
+            } else {
+                let mut old = self.chunk_content(ctx, key, i, None).await?;
+                old[(from - base) as usize..(to - base) as usize].copy_from_slice(new_bytes);
+                merged = old;
+                &merged
+            };
             let s = self.staged_mut();
             s.staging
                 .as_mut()
                 .expect("created above")
-                .write_chunk(ctx.staging_key, i, &content)?;
+                .write_chunk(ctx.staging_key, i, content)?;
         }
         Ok(())
     }
@@ -433,7 +502,7 @@ impl FileData {
         let last = new_size / chunk;
         let partial = !new_size.is_multiple_of(chunk);
         let keep_last = if partial && new_size < self.size() {
-            let mut c = self.chunk_content(ctx, key, last).await?;
+            let mut c = self.chunk_content(ctx, key, last, None).await?;
             c.truncate((new_size % chunk) as usize);
             Some(c)
         } else {
@@ -518,22 +587,33 @@ impl FileData {
         };
         let mut w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher)
             .with_budget(ctx.budget.clone());
-        let g = ctx.crypt.geometry();
-        let size = self.size();
-        for i in 0..size.div_ceil(g.chunk) {
-            match self.chunk_content(ctx, key, i).await {
-                Ok(data) => {
-                    if let Err(e) = w.append(&data).await {
-                        return Err(e.into());
-                    }
-                }
-                Err(e) => {
-                    w.abort().await;
-                    return Err(e);
-                }
+        let chunk = ctx.crypt.geometry().chunk;
+        let n = self.size().div_ceil(chunk);
+        let window = (REWRITE_WINDOW_BYTES / chunk).max(1);
+        for start in (0..n).step_by(window as usize) {
+            let chunks = start..(start + window).min(n);
+            if let Err(e) = self.rewrite_window(ctx, key, &mut w, chunks).await {
+                w.abort().await;
+                return Err(e);
             }
         }
         Ok(w.finish(None).await?)
+    }
+
+    /// Appends the content of `chunks` to the rewrite `w`.
+    async fn rewrite_window(
+        &mut self,
+        ctx: &FileCtx<'_>,
+        key: &str,
+        w: &mut StreamingWriter,
+        chunks: Range<u64>,
+    ) -> FsResult<()> {
+        let base = self.base_chunks(ctx, key, chunks.clone()).await?;
+        for (i, b) in chunks.zip(base) {
+            let data = self.chunk_content(ctx, key, i, b).await?;
+            w.append(&data).await?;
+        }
+        Ok(())
     }
 
     /// Drops uncommitted changes (the file was unlinked).
