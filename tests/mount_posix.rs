@@ -558,6 +558,48 @@ fn sequential_reads_are_served_by_read_ahead() {
 }
 
 #[test]
+fn an_unchanged_file_keeps_its_cached_pages_across_opens() {
+    use std::os::unix::fs::FileExt;
+    require_fuse();
+    let s = TestStore::new(1);
+    let m = s.mount();
+    let bytes_read = || -> u64 {
+        let stats = run(std::process::Command::new(coffer_bin())
+            .arg("stats")
+            .arg(&m.path));
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("bytes_read "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no bytes_read in:\n{stats}"))
+    };
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write(m.p("f"), &data).unwrap();
+    // The first open after the write drops what the write left in the page cache.
+    assert!(fs::read(m.p("f")).unwrap() == data);
+    let first = bytes_read();
+    assert!(
+        first >= data.len() as u64,
+        "the first read came from the mount"
+    );
+    // Opened again, unchanged: the kernel answers from its pages.
+    assert!(fs::read(m.p("f")).unwrap() == data);
+    assert_eq!(bytes_read(), first, "the second read reached the mount");
+    // Changed through the mount, size kept: the next open drops the pages again.
+    let f = fs::OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    f.write_all_at(b"CHANGED", 1000).unwrap();
+    drop(f);
+    let mut want = data.clone();
+    want[1000..1007].copy_from_slice(b"CHANGED");
+    assert!(fs::read(m.p("f")).unwrap() == want);
+    assert!(
+        bytes_read() > first,
+        "the read after a change reached the mount"
+    );
+    m.unmount();
+}
+
+#[test]
 fn many_large_files_written_at_once_stay_within_the_memory_limit() {
     require_fuse();
     let s = TestStore::new(1);

@@ -337,10 +337,15 @@ impl Filesystem for CofferFs {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let pid = req.pid();
         self.run(|vfs| async move {
-            match vfs.open(ino.0, truncate).await {
-                Ok(fh) => {
-                    vfs.set_handle_owner(fh, pid);
-                    reply.opened(FileHandle(fh), FopenFlags::empty())
+            match vfs.open_file(ino.0, truncate).await {
+                Ok(o) => {
+                    vfs.set_handle_owner(o.fh, pid);
+                    let flags = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(o.fh), flags)
                 }
                 Err(e) => reply.error(errno(&e)),
             }

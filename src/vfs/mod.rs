@@ -114,6 +114,10 @@ struct Inode {
     listed_at: Option<Instant>,
     /// The object's ETag as last listed, to tell a file changed by another client.
     etag: Option<String>,
+    /// The ETag of the content the kernel's page cache may hold for this file, recorded at
+    /// each open; `None` once this mount wrote or truncated it. An open that finds it equal
+    /// to `etag` lets the kernel keep those pages (see [`Vfs::open_file`]).
+    cached_etag: Option<String>,
     /// The metadata the object is stored with, as this mount last stored or read it
     /// (without the envelope): what the directory's attribute index records.
     stored_meta: Option<Metadata>,
@@ -147,6 +151,7 @@ impl Inode {
             load_lock: Arc::new(AsyncMutex::new(())),
             listed_at: None,
             etag: None,
+            cached_etag: None,
             stored_meta: None,
             listed: None,
             index_stale_since: None,
@@ -274,6 +279,14 @@ pub type DirEntry = (u64, String, Attr);
 pub struct Entry {
     pub ino: u64,
     pub attr: Attr,
+}
+
+/// An open file handle.
+#[derive(Clone, Copy, Debug)]
+pub struct Opened {
+    pub fh: u64,
+    /// The kernel may keep the pages it cached of the file (FOPEN_KEEP_CACHE).
+    pub keep_cache: bool,
 }
 
 /// Changes requested by setattr.
@@ -1315,7 +1328,16 @@ impl Vfs {
     }
 
     pub async fn open(&self, ino: u64, truncate: bool) -> FsResult<u64> {
-        let file = {
+        self.open_file(ino, truncate).await.map(|o| o.fh)
+    }
+
+    /// Opens a file, and tells whether the kernel may keep the pages it cached of it: only
+    /// when they are of the committed version this open finds (the same ETag as at the
+    /// last open, no write or truncation through this mount since, and no change by another
+    /// client that a listing showed). Without it every open dropped the file's pages, and a
+    /// file read again, or read at random after a sequential pass, went to the store.
+    pub async fn open_file(&self, ino: u64, truncate: bool) -> FsResult<Opened> {
+        let (file, keep_cache) = {
             // Not in the middle of a rename: one that replaces this file either saw it open
             // (and moved its content aside) or detached it before (and this open is stale).
             let _ns = self.namespace.read().await;
@@ -1336,7 +1358,13 @@ impl Vfs {
                 ));
             }
             i.open += 1;
-            i.file.clone()
+            let keep_cache = !truncate
+                && !i.unlinked
+                && i.moved_to.is_none()
+                && i.etag.as_deref().is_some_and(|e| !e.is_empty())
+                && i.cached_etag == i.etag;
+            i.cached_etag = i.etag.clone();
+            (i.file.clone(), keep_cache)
         };
         if truncate
             && let Some(f) = file
@@ -1347,7 +1375,15 @@ impl Vfs {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, (ino, None));
-        Ok(fh)
+        Ok(Opened { fh, keep_cache })
+    }
+
+    /// The kernel's cached pages of `ino` are no longer known to be a committed version's:
+    /// the next open drops them.
+    fn forget_cached_pages(&self, ino: u64) {
+        if let Ok(i) = self.table.lock().get_mut(ino) {
+            i.cached_etag = None;
+        }
     }
 
     fn file_of(&self, ino: u64) -> FsResult<(Arc<AsyncMutex<FileData>>, String, Metadata, bool)> {
@@ -1412,6 +1448,7 @@ impl Vfs {
 
     async fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
+        self.forget_cached_pages(ino);
         let _ns = self.namespace.read().await;
         let (f, key, meta, unlinked) = self.file_of(ino)?;
         let mut fd = f.lock().await;
@@ -1443,6 +1480,7 @@ impl Vfs {
         size: u64,
     ) -> FsResult<()> {
         self.check_writable()?;
+        self.forget_cached_pages(ino);
         let _ns = self.namespace.read().await;
         let (_, key, meta, _) = self.file_of(ino)?;
         let mut fd = f.lock().await;
