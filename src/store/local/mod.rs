@@ -2208,17 +2208,24 @@ impl ObjectStore for LocalStore {
         let sse_req = opts.sse.clone();
         let (rec, id, (r, body)) = blocking(move || {
             inner.settle_for_read(&k, id.as_deref())?;
-            // The key is checked against the record first: a wrong key is the caller's
-            // error, never a reason to think a replica is damaged.
-            let (rec, _, ()) = inner.read_version(&k, id.as_deref(), |_, _, _| Ok(()))?;
-            let obj_key = sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key())?;
-            let (rec, vid, (r, data)) = inner.read_version(&k, id.as_deref(), |rep, v, rec| {
+            // The key is checked against the record before the data is read, and a wrong
+            // one is answered as the caller's error (`Ok(Err)`), never as a reason to think
+            // the replica damaged. One pass over the version, not a first one for the key:
+            // each resolves the version and reads its record, which doubled a random read's
+            // metadata calls.
+            let (rec, vid, read) = inner.read_version(&k, id.as_deref(), |rep, v, rec| {
+                let checked = sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key());
+                let obj_key = match checked {
+                    Ok(obj_key) => obj_key,
+                    Err(e) => return Ok(Err(e)),
+                };
                 let r = clamp_range(range.clone(), rec.size);
                 let file = File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
                 let data = record::read_verified_bytes(&file, rec, r.clone())?
                     .map_err(ReplicaError::Corrupt)?;
-                Ok((r, data))
+                Ok(Ok((r, data, obj_key)))
             })?;
+            let (r, data, obj_key) = read?;
             let data = match &obj_key {
                 Some(key) => {
                     let mut plain = data.to_vec();
