@@ -180,3 +180,72 @@ async fn a_changed_file_reads_its_unchanged_chunks_in_whole_segments() {
     fresh.release(e.ino, fh).await.unwrap();
     assert!(got == want, "content after the changes");
 }
+
+/// The stress test's corruption (stop 23): an attribute flush copies the object with the
+/// envelope it read first; a commit of new content landing between that read and the copy
+/// left an object whose envelope belonged to the old content, unreadable for good. The
+/// copy is held here at exactly that point while the file is changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attribute_flush_racing_a_commit_keeps_the_file_readable() {
+    use coffer::vfs::SetAttr;
+    use std::sync::atomic::Ordering;
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    let old: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    write_file(&v, "victim", &old).await.unwrap();
+    let e = v.lookup(ROOT, "victim").await.unwrap();
+    v.setattr(
+        e.ino,
+        SetAttr {
+            perm: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    // The flush reads the envelope, then its copy waits.
+    faulty.set_plan(FaultPlan {
+        hold_prefix: Some("victim".into()),
+        hold_copies_only: true,
+        ..Default::default()
+    });
+    let flusher = tokio::spawn({
+        let v = v.clone();
+        async move { v.flush_all_metadata().await }
+    });
+    let held = || faulty.stats().held.load(Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    while held() == 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the attribute flush never reached its copy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Meanwhile the file is changed and closed (a staged rewrite: new data key).
+    let writer = tokio::spawn({
+        let v = v.clone();
+        async move {
+            let fh = v.open(e.ino, false).await.unwrap();
+            v.write(e.ino, 1000, &[0xee; 5000]).await.unwrap();
+            v.release(e.ino, fh).await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    faulty.release();
+    flusher.await.unwrap().unwrap();
+    writer.await.unwrap().unwrap();
+
+    let mut want = old.clone();
+    want[1000..6000].fill(0xee);
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    assert_eq!(
+        read_file(&fresh, "victim").await.map(|d| d == want),
+        Ok(true),
+        "the file reads back whole after the race"
+    );
+    let e = fresh.lookup(ROOT, "victim").await.unwrap();
+    assert_eq!(e.attr.perm, 0o600, "the attributes were kept");
+}

@@ -42,6 +42,8 @@ pub struct FaultPlan {
     pub corrupt_gets: bool,
     /// Calls on keys starting with this prefix wait until [`FaultyStore::release`].
     pub hold_prefix: Option<String>,
+    /// The hold applies to copies only (a copy counts by its destination key).
+    pub hold_copies_only: bool,
 }
 
 /// Counters of what the wrapper did.
@@ -50,6 +52,8 @@ pub struct FaultStats {
     pub calls: AtomicU64,
     pub failed: AtomicU64,
     pub corrupted: AtomicU64,
+    /// Calls that have waited on a hold.
+    pub held: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -86,6 +90,10 @@ impl FaultyStore {
     }
 
     async fn before(&self, key: &str) -> StoreResult<()> {
+        self.before_call(key, false).await
+    }
+
+    async fn before_call(&self, key: &str, copy: bool) -> StoreResult<()> {
         let n = self.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let (delay, fail, kind) = {
             let plan = self.plan.lock();
@@ -93,6 +101,7 @@ impl FaultyStore {
                 || plan.fail_every.is_some_and(|e| n.is_multiple_of(e));
             (plan.delay, fail, plan.kind.unwrap_or(FaultKind::Transient))
         };
+        let mut counted = false;
         loop {
             let notified = self.released.notified();
             let held = {
@@ -100,9 +109,14 @@ impl FaultyStore {
                 plan.hold_prefix
                     .as_deref()
                     .is_some_and(|p| key.starts_with(p))
+                    && (copy || !plan.hold_copies_only)
             };
             if !held {
                 break;
+            }
+            if !counted {
+                counted = true;
+                self.stats.held.fetch_add(1, Ordering::SeqCst);
             }
             notified.await;
         }
@@ -186,7 +200,7 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        self.before(dst).await?;
+        self.before_call(dst, true).await?;
         self.inner.copy(src, dst, opts).await
     }
 

@@ -1676,20 +1676,33 @@ impl Vfs {
         let result = match kind {
             Kind::Dir => self.put_dir_marker(&key, meta).await.map(|_| ()),
             _ => {
-                if let Some(f) = &file {
-                    let fd = f.lock().await;
-                    if fd.is_dirty() || !fd.exists {
-                        // The commit will store the attributes with the data.
-                        if let Ok(i) = self.table.lock().get_mut(ino) {
-                            i.meta_dirty = true;
-                        }
-                        return Ok(());
+                // The file stays locked until the copy is stored: the copy takes the
+                // envelope of the version it read, and a commit of new content between that
+                // read and the copy made an object whose envelope belonged to the old
+                // content (unreadable, found by the stress test).
+                let mut fd = match &file {
+                    Some(f) => Some(f.lock().await),
+                    None => None,
+                };
+                if fd.as_ref().is_some_and(|fd| fd.is_dirty() || !fd.exists) {
+                    // The commit will store the attributes with the data.
+                    if let Ok(i) = self.table.lock().get_mut(ino) {
+                        i.meta_dirty = true;
                     }
+                    return Ok(());
                 }
                 if let Ok(i) = self.table.lock().get_mut(ino) {
                     i.meta_in_flight = true;
                 }
                 let copied = self.copy_with_metadata(&key, &key, meta).await.map(|_| ());
+                if copied.is_ok()
+                    && let Some(fd) = fd.as_mut()
+                {
+                    // The copy is a new version of the same content: the one open
+                    // readers were pinned to may be pruned now.
+                    fd.reset_committed();
+                }
+                drop(fd);
                 let mut t = self.table.lock();
                 if let Ok(i) = t.get_mut(ino) {
                     i.meta_in_flight = false;
@@ -1745,7 +1758,9 @@ impl Vfs {
             metadata: Some(full),
             source_sse: self.cfg.sse.clone(),
             sse: self.cfg.sse.clone(),
-            source_version_id: None,
+            // The version whose envelope this is, where the store names versions: a copy
+            // of whatever is newest by then could pair that envelope with other content.
+            source_version_id: current.version_id,
         })
     }
 

@@ -866,14 +866,15 @@ impl Inner {
     /// The record and version id of `key`'s version `id`, or of its newest. A version just
     /// written whose layout files are still queued is taken from its journal entry, without
     /// waiting for the workers: a rename's head and copy of the file just closed (rsync's
-    /// pattern) would otherwise wait for that file's layout files every time.
+    /// pattern, the copy naming the version the head found) would otherwise wait for that
+    /// file's layout files every time.
     fn record_of(
         self: &Arc<Self>,
         key: &str,
         id: Option<&str>,
     ) -> StoreResult<(MetaRecord, String)> {
-        if id.is_none()
-            && let Some(e) = self.pending_version(key)
+        if let Some(e) = self.pending_version(key)
+            && id.is_none_or(|id| id == e.id)
         {
             if e.data == EntryData::Marker {
                 return Err(StoreError::not_found(key));
@@ -898,9 +899,13 @@ impl Inner {
         let Some((v, have)) = self.resolve(key, id)? else {
             return Err(StoreError::not_found(key));
         };
+        // A replica whose layout files of this key are still queued is not missing it: the
+        // version was acknowledged between the caller's settle and this read. Repaired, its
+        // worker then found the files there and logged the write as failed.
+        let queued = self.pending.lock().contains_key(key);
         let mut bad: Vec<(usize, String)> = self
             .online()
-            .filter(|r| !have.contains(&r.index))
+            .filter(|r| !have.contains(&r.index) && !queued)
             .map(|r| (r.index, "missing".to_string()))
             .collect();
         let mut found = None;
