@@ -208,7 +208,7 @@ async fn an_attribute_flush_racing_a_commit_keeps_the_file_readable() {
     // The flush reads the envelope, then its copy waits.
     faulty.set_plan(FaultPlan {
         hold_prefix: Some("victim".into()),
-        hold_copies_only: true,
+        hold_only: vec!["copy"],
         ..Default::default()
     });
     let flusher = tokio::spawn({
@@ -248,4 +248,73 @@ async fn an_attribute_flush_racing_a_commit_keeps_the_file_readable() {
     );
     let e = fresh.lookup(ROOT, "victim").await.unwrap();
     assert_eq!(e.attr.perm, 0o600, "the attributes were kept");
+}
+
+/// The other side of that lock: an attribute flush that read the file's state just before
+/// an unlink, and copied after the unlink's delete, brought the file back (a store with
+/// versions still has the version the copy names).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attribute_flush_racing_an_unlink_does_not_bring_the_file_back() {
+    use coffer::vfs::SetAttr;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(true)));
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    write_file(&v, "victim", b"short-lived").await.unwrap();
+    let e = v.lookup(ROOT, "victim").await.unwrap();
+    let chmod = SetAttr {
+        perm: Some(0o600),
+        ..Default::default()
+    };
+    v.setattr(e.ino, chmod).await.unwrap();
+
+    // The unlink's delete waits; the flush starts meanwhile, and its copy would wait too.
+    faulty.set_plan(FaultPlan {
+        hold_prefix: Some("victim".into()),
+        hold_only: vec!["copy", "delete"],
+        ..Default::default()
+    });
+    let held = || faulty.stats().held.load(Ordering::SeqCst);
+    let unlink = tokio::spawn({
+        let v = v.clone();
+        async move { v.unlink(ROOT, "victim").await }
+    });
+    let t0 = Instant::now();
+    while held() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the delete never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let flusher = tokio::spawn({
+        let v = v.clone();
+        async move { v.flush_all_metadata().await }
+    });
+    // Time for the flush to reach its copy, if nothing stops it before.
+    let t0 = Instant::now();
+    while held() < 2 && t0.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The delete goes first, then anything the flush held.
+    faulty.set_plan(FaultPlan {
+        hold_prefix: Some("victim".into()),
+        hold_only: vec!["copy"],
+        ..Default::default()
+    });
+    unlink.await.unwrap().unwrap();
+    faulty.release();
+    let _ = flusher.await.unwrap();
+
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    assert_eq!(
+        fresh
+            .lookup(ROOT, "victim")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.errno()),
+        Err(libc::ENOENT),
+        "the unlinked file stays gone"
+    );
 }

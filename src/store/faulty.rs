@@ -42,8 +42,9 @@ pub struct FaultPlan {
     pub corrupt_gets: bool,
     /// Calls on keys starting with this prefix wait until [`FaultyStore::release`].
     pub hold_prefix: Option<String>,
-    /// The hold applies to copies only (a copy counts by its destination key).
-    pub hold_copies_only: bool,
+    /// The calls the hold applies to, by name (`"copy"`, `"delete"`, ...; a copy counts by
+    /// its destination key); empty: every call.
+    pub hold_only: Vec<&'static str>,
 }
 
 /// Counters of what the wrapper did.
@@ -89,11 +90,7 @@ impl FaultyStore {
         self.released.notify_waiters();
     }
 
-    async fn before(&self, key: &str) -> StoreResult<()> {
-        self.before_call(key, false).await
-    }
-
-    async fn before_call(&self, key: &str, copy: bool) -> StoreResult<()> {
+    async fn before_call(&self, key: &str, call: &str) -> StoreResult<()> {
         let n = self.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let (delay, fail, kind) = {
             let plan = self.plan.lock();
@@ -109,7 +106,7 @@ impl FaultyStore {
                 plan.hold_prefix
                     .as_deref()
                     .is_some_and(|p| key.starts_with(p))
-                    && (copy || !plan.hold_copies_only)
+                    && (plan.hold_only.is_empty() || plan.hold_only.contains(&call))
             };
             if !held {
                 break;
@@ -159,12 +156,12 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<ObjectInfo> {
-        self.before(key).await?;
+        self.before_call(key, "put").await?;
         self.inner.put(key, body, opts).await
     }
 
     async fn create_upload(&self, key: &str, opts: &PutOptions) -> StoreResult<Box<dyn Upload>> {
-        self.before(key).await?;
+        self.before_call(key, "create_upload").await?;
         let inner = self.inner.create_upload(key, opts).await?;
         Ok(Box::new(FaultyUpload {
             store: self.clone(),
@@ -179,28 +176,28 @@ impl ObjectStore for FaultyStore {
         range: Option<Range<u64>>,
         opts: &GetOptions,
     ) -> StoreResult<GetResult> {
-        self.before(key).await?;
+        self.before_call(key, "get").await?;
         let r = self.inner.get(key, range, opts).await?;
         Ok(self.maybe_corrupt(r))
     }
 
     async fn head(&self, key: &str, opts: &GetOptions) -> StoreResult<ObjectInfo> {
-        self.before(key).await?;
+        self.before_call(key, "head").await?;
         self.inner.head(key, opts).await
     }
 
     async fn list(&self, req: &ListRequest) -> StoreResult<ListPage> {
-        self.before(&req.prefix).await?;
+        self.before_call(&req.prefix, "list").await?;
         self.inner.list(req).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.before(key).await?;
+        self.before_call(key, "delete").await?;
         self.inner.delete(key).await
     }
 
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
-        self.before_call(dst, true).await?;
+        self.before_call(dst, "copy").await?;
         self.inner.copy(src, dst, opts).await
     }
 
@@ -217,7 +214,7 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn list_versions(&self, prefix: &str) -> StoreResult<Vec<VersionInfo>> {
-        self.before(prefix).await?;
+        self.before_call(prefix, "list_versions").await?;
         self.inner.list_versions(prefix).await
     }
 
@@ -227,7 +224,7 @@ impl ObjectStore for FaultyStore {
         version_id: &str,
         sse: &Sse,
     ) -> StoreResult<ObjectInfo> {
-        self.before(key).await?;
+        self.before_call(key, "restore_version").await?;
         self.inner.restore_version(key, version_id, sse).await
     }
 }
@@ -241,12 +238,12 @@ struct FaultyUpload {
 #[async_trait]
 impl Upload for FaultyUpload {
     async fn put_part(&mut self, part: Bytes) -> StoreResult<()> {
-        self.store.before(&self.key).await?;
+        self.store.before_call(&self.key, "put_part").await?;
         self.inner.put_part(part).await
     }
 
     async fn complete(self: Box<Self>) -> StoreResult<ObjectInfo> {
-        self.store.before(&self.key).await?;
+        self.store.before_call(&self.key, "complete").await?;
         self.inner.complete().await
     }
 

@@ -1272,9 +1272,13 @@ impl Vfs {
             };
             (key, i.file.clone())
         };
+        // The file stays locked until the name is gone: an attribute flush that waited for
+        // it then finds it unlinked, where one that went on between this and the delete
+        // copied the object again after its delete (the file came back).
+        let mut locked = None;
         let exists = match &file {
             Some(f) => {
-                let mut fd = f.lock().await;
+                let fd = locked.insert(f.lock().await);
                 let open = self.table.lock().get(ino)?.open;
                 if open > 0 {
                     // Still open: readers and writers keep its content, moved aside so that
@@ -1283,7 +1287,7 @@ impl Vfs {
                         fd.commit(&self.ctx(), &key, Metadata::new()).await?;
                     }
                     if fd.exists {
-                        self.move_aside(ino, &key, &mut fd).await?;
+                        self.move_aside(ino, &key, fd).await?;
                     }
                     self.table.lock().get_mut(ino)?.unlinked = true;
                     fd.exists
@@ -1315,6 +1319,7 @@ impl Vfs {
             }
         }
         drop(t);
+        drop(locked);
         self.touch_dir(parent);
         Ok(())
     }
@@ -1684,6 +1689,10 @@ impl Vfs {
                     Some(f) => Some(f.lock().await),
                     None => None,
                 };
+                if fd.is_some() && !self.table.lock().get(ino).is_ok_and(|i| !i.unlinked) {
+                    // Removed while this waited for the file (see `remove`).
+                    return Ok(());
+                }
                 if fd.as_ref().is_some_and(|fd| fd.is_dirty() || !fd.exists) {
                     // The commit will store the attributes with the data.
                     if let Ok(i) = self.table.lock().get_mut(ino) {
