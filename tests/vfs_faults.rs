@@ -318,3 +318,58 @@ async fn an_attribute_flush_racing_an_unlink_does_not_bring_the_file_back() {
         "the unlinked file stays gone"
     );
 }
+
+/// Key rotation rewraps the envelope it read; a file written anew between that read and the
+/// rotation's copy got the old content's rewrapped envelope on its new content (unreadable).
+/// The copy now requires the ETag it read, and a changed object is read again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_racing_a_write_rewraps_the_new_envelope() {
+    use coffer::crypt::keys::{KeyProvider, KeyRing, RootKey};
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let ring = |b: u8| -> Arc<dyn KeyProvider> {
+        let key = RootKey::from_bytes(zeroize::Zeroizing::new([b; 32]));
+        Arc::new(KeyRing::new(vec![key]).unwrap())
+    };
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    write_file(&v, "victim", &[1u8; 100_000]).await.unwrap();
+
+    faulty.set_plan(FaultPlan {
+        hold_prefix: Some("victim".into()),
+        hold_only: vec!["copy"],
+        ..Default::default()
+    });
+    let rotation = tokio::spawn({
+        let store = faulty.clone();
+        let (from, to) = (ring(1), ring(2));
+        async move { coffer::crypt::rotate::rotate(&store, "", &from, &to, &mut |_, _| {}).await }
+    });
+    let t0 = Instant::now();
+    while faulty.stats().held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the rotation never copied"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Rewritten whole (a new data key) while the rotation's copy waits.
+    let e = v.lookup(ROOT, "victim").await.unwrap();
+    let fh = v.open(e.ino, true).await.unwrap();
+    v.write(e.ino, 0, &[2u8; 50_000]).await.unwrap();
+    v.release(e.ino, fh).await.unwrap();
+    faulty.release();
+    let report = rotation.await.unwrap().unwrap();
+    assert_eq!(report.rewrapped, 1, "{report:?}");
+
+    // Only the new root key now, and the new content reads back.
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 2);
+    assert_eq!(
+        read_file(&fresh, "victim")
+            .await
+            .map(|d| d == [2u8; 50_000]),
+        Ok(true),
+        "the new content under the rotated key"
+    );
+}

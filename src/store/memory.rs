@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     CopyOptions, GetOptions, GetResult, ListPage, ListRequest, ObjectInfo, ObjectStore, PutOptions,
-    Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo, clamp_range, metadata_size,
-    paginate_keys,
+    Sse, StoreError, StoreLimits, StoreResult, Upload, VersionInfo, check_source_etag, clamp_range,
+    metadata_size, paginate_keys,
 };
 
 #[derive(Clone)]
@@ -269,6 +269,7 @@ impl ObjectStore for MemoryStore {
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
         let v = self.find(src, opts.source_version_id.as_deref())?;
         Self::check_sse(src, &v, &opts.source_sse)?;
+        check_source_etag(src, &v.etag, opts)?;
         let put = PutOptions {
             metadata: opts.metadata.clone().unwrap_or(v.metadata.clone()),
             sse: opts.sse.clone(),

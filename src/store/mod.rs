@@ -122,6 +122,10 @@ pub struct CopyOptions {
     pub sse: Sse,
     /// Copy this version of the source instead of the latest.
     pub source_version_id: Option<String>,
+    /// Copy only if the source's ETag is this one (S3's `x-amz-copy-source-if-match`), else
+    /// [`StoreError::PreconditionFailed`]: a copy that replaces the metadata with what the
+    /// caller read (an envelope) must not land on content the caller did not read.
+    pub source_if_match: Option<String>,
 }
 
 /// What a backend knows about an object.
@@ -344,6 +348,7 @@ pub trait ObjectStore: Send + Sync + 'static {
             source_sse: sse.clone(),
             sse: sse.clone(),
             source_version_id: Some(version_id.to_string()),
+            source_if_match: None,
         };
         self.copy(key, key, &opts).await
     }
@@ -431,6 +436,17 @@ async fn list_range(
             Some(token) if !done => req.continuation = Some(token),
             _ => return Ok(all),
         }
+    }
+}
+
+/// [`CopyOptions::source_if_match`] against the source's ETag `etag`.
+pub fn check_source_etag(src: &str, etag: &str, opts: &CopyOptions) -> StoreResult<()> {
+    match &opts.source_if_match {
+        Some(want) if want != etag => Err(StoreError::PreconditionFailed {
+            key: src.to_string(),
+            detail: format!("the source's ETag is {etag:?}, not {want:?}: it changed"),
+        }),
+        _ => Ok(()),
     }
 }
 

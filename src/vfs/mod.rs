@@ -1767,9 +1767,11 @@ impl Vfs {
             metadata: Some(full),
             source_sse: self.cfg.sse.clone(),
             sse: self.cfg.sse.clone(),
-            // The version whose envelope this is, where the store names versions: a copy
-            // of whatever is newest by then could pair that envelope with other content.
-            source_version_id: current.version_id,
+            source_version_id: None,
+            // Only the content whose envelope this is: a copy of whatever is newest by
+            // then could pair that envelope with other content. Changed since (by another
+            // client), the copy fails and the attributes stay to be stored again.
+            source_if_match: (!current.etag.is_empty()).then_some(current.etag),
         })
     }
 
@@ -2086,6 +2088,7 @@ impl Vfs {
                 source_sse: self.cfg.sse.clone(),
                 sse: self.cfg.sse.clone(),
                 source_version_id: None,
+                source_if_match: None,
             };
             self.store.copy(key, &dst, &opts).await?;
         }

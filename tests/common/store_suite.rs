@@ -286,6 +286,27 @@ async fn delete_and_copy(s: &dyn ObjectStore, p: &str) {
     let got = s.get(&src, None, &GetOptions::default()).await.unwrap();
     assert_eq!(&got.body[..], b"payload");
     assert_eq!(got.info.metadata.unwrap(), meta(&[("b", "2")]));
+    // A copy that requires an ETag the source does not have is refused and changes nothing;
+    // with the source's own ETag (sent to the server as x-amz-copy-source-if-match) it runs.
+    let stale = CopyOptions {
+        metadata: Some(meta(&[("c", "3")])),
+        source_if_match: Some("0123456789abcdef0123456789abcdef".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        s.copy(&src, &src, &stale).await,
+        Err(StoreError::PreconditionFailed { .. })
+    ));
+    let head = s.head(&src, &GetOptions::default()).await.unwrap();
+    assert_eq!(head.metadata.unwrap(), meta(&[("b", "2")]));
+    let current = CopyOptions {
+        source_if_match: Some(head.etag),
+        ..stale
+    };
+    s.copy(&src, &src, &current).await.unwrap();
+    let got = s.get(&src, None, &GetOptions::default()).await.unwrap();
+    assert_eq!(&got.body[..], b"payload");
+    assert_eq!(got.info.metadata.unwrap(), meta(&[("c", "3")]));
     assert!(matches!(
         s.copy(&format!("{p}copy/missing"), &dst, &CopyOptions::default())
             .await,

@@ -233,6 +233,11 @@ fn etag_of(e: Option<&str>) -> String {
     e.unwrap_or("").trim_matches('"').to_string()
 }
 
+/// An ETag as S3's conditional headers take it (quoted; ETags are kept unquoted here).
+fn quoted(etag: &Option<String>) -> Option<String> {
+    etag.as_ref().map(|e| format!("\"{e}\""))
+}
+
 fn metadata_of(m: Option<&std::collections::HashMap<String, String>>) -> Metadata {
     m.map(|m| {
         m.iter()
@@ -397,7 +402,7 @@ impl S3Store {
             .bucket(&self.location.bucket)
             .key(self.full(key))
             .set_version_id(opts.version_id.clone())
-            .set_if_match(opts.if_match.as_ref().map(|e| format!("\"{e}\"")));
+            .set_if_match(quoted(&opts.if_match));
         if verify {
             req = req.checksum_mode(ChecksumMode::Enabled);
         }
@@ -561,6 +566,7 @@ impl S3Store {
                     .upload_id(&upload_id)
                     .part_number(n)
                     .copy_source(source)
+                    .set_copy_source_if_match(quoted(&opts.source_if_match))
                     .copy_source_range(format!("bytes={off}-{}", end - 1));
                 if let Some((alg, key, md5)) = sse_c_headers(&opts.source_sse) {
                     req = req
@@ -847,6 +853,9 @@ impl ObjectStore for S3Store {
         // The size decides between CopyObject and UploadPartCopy; the metadata is what a
         // part-by-part copy must carry over itself.
         let source_info = self.head(src, &head_opts).await?;
+        // Checked here too: a part-by-part copy's first part would otherwise be the first
+        // to find out, after the upload was started.
+        super::check_source_etag(src, &source_info.etag, opts)?;
         let mut source = format!(
             "{}/{}",
             self.location.bucket,
@@ -872,6 +881,7 @@ impl ObjectStore for S3Store {
             .bucket(&self.location.bucket)
             .key(self.full(dst))
             .copy_source(&source)
+            .set_copy_source_if_match(quoted(&opts.source_if_match))
             // Always replace: the same call then also serves src == dst (S3 refuses a copy
             // onto itself that changes nothing), and the metadata is the one chosen above.
             .metadata_directive(MetadataDirective::Replace)
