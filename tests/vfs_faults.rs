@@ -373,3 +373,67 @@ async fn a_rotation_racing_a_write_rewraps_the_new_envelope() {
         "the new content under the rotated key"
     );
 }
+
+/// Another client rewriting a file between the attribute flush's head and its copy: the
+/// copy is refused (its envelope belongs to the content that was replaced), fsync reports
+/// EIO, the other client's content stays whole, and the attributes are stored by the next
+/// flush.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_rewritten_by_another_client_during_an_attribute_flush_stays_whole() {
+    use coffer::vfs::SetAttr;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    write_file(&v, "victim", &[1u8; 10_000]).await.unwrap();
+    let e = v.lookup(ROOT, "victim").await.unwrap();
+    let chmod = SetAttr {
+        perm: Some(0o600),
+        ..Default::default()
+    };
+    v.setattr(e.ino, chmod).await.unwrap();
+
+    faulty.set_plan(FaultPlan {
+        hold_prefix: Some("victim".into()),
+        hold_only: vec!["copy"],
+        ..Default::default()
+    });
+    let fsync = tokio::spawn({
+        let v = v.clone();
+        async move { v.fsync(e.ino).await.map_err(|e| e.errno()) }
+    });
+    let t0 = Instant::now();
+    while faulty.stats().held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the flush never copied"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The other client: a second mount of the same store.
+    let other_staging = tempfile::tempdir().unwrap();
+    let other = test_vfs(Arc::new(faulty.clone()), other_staging.path(), "", 16, 1);
+    let o = other.lookup(ROOT, "victim").await.unwrap();
+    let fh = other.open(o.ino, true).await.unwrap();
+    other.write(o.ino, 0, &[2u8; 7_000]).await.unwrap();
+    other.release(o.ino, fh).await.unwrap();
+    faulty.release();
+    assert_eq!(fsync.await.unwrap(), Err(libc::EIO));
+
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    assert_eq!(
+        read_file(&fresh, "victim").await.map(|d| d == [2u8; 7_000]),
+        Ok(true),
+        "the other client's content, whole"
+    );
+    // The next flush stores the attributes, on the content that is there now.
+    v.fsync(e.ino).await.unwrap();
+    let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
+    let f = fresh.lookup(ROOT, "victim").await.unwrap();
+    assert_eq!(f.attr.perm, 0o600);
+    assert_eq!(
+        read_file(&fresh, "victim").await.map(|d| d.len()),
+        Ok(7_000)
+    );
+}

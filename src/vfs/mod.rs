@@ -1744,11 +1744,15 @@ impl Vfs {
         meta: Metadata,
     ) -> Result<crate::store::ObjectInfo, StoreError> {
         let opts = self.copy_keeping_envelope(src, meta).await?;
-        self.store.copy(src, dst, &opts).await
+        self.store
+            .copy(src, dst, &opts)
+            .await
+            .map_err(changed_since_read)
     }
 
     /// The options of a copy of `src` that replaces its metadata with `meta`, keeping its
-    /// envelope (a metadata replace must keep it).
+    /// envelope (a metadata replace must keep it). The copy fails if `src` changes after
+    /// the envelope is read (see [`changed_since_read`]).
     async fn copy_keeping_envelope(
         &self,
         src: &str,
@@ -1925,7 +1929,11 @@ impl Vfs {
             if exists {
                 let stored = meta.clone();
                 let opts = self.copy_keeping_envelope(&old_key, meta).await?;
-                let copied = self.store.rename(&old_key, &new_key, &opts).await?;
+                let copied = self
+                    .store
+                    .rename(&old_key, &new_key, &opts)
+                    .await
+                    .map_err(changed_since_read)?;
                 if let Some(f) = &file {
                     f.lock().await.reset_committed();
                 }
@@ -2263,4 +2271,17 @@ fn resident_bytes() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// A copy that keeps the envelope it read found its source rewritten since (by another
+/// client): EIO, saying so, rather than the EEXIST a failed precondition means elsewhere.
+fn changed_since_read(e: StoreError) -> StoreError {
+    match e {
+        StoreError::PreconditionFailed { key, detail } => StoreError::Io {
+            key,
+            context: "rewritten by another client while its attributes were being stored".into(),
+            source: std::io::Error::other(detail),
+        },
+        e => e,
+    }
 }
