@@ -181,56 +181,69 @@ async fn a_changed_file_reads_its_unchanged_chunks_in_whole_segments() {
     assert!(got == want, "content after the changes");
 }
 
+/// Holds the calls named in `calls` on the key "victim" until [`FaultyStore::release`] (or
+/// another plan).
+fn hold_victim(faulty: &FaultyStore, calls: Vec<&'static str>) {
+    faulty.set_plan(FaultPlan {
+        hold_prefix: Some("victim".into()),
+        hold_only: calls,
+        ..Default::default()
+    });
+}
+
+/// Waits until `n` calls have been held, failing after 10 s with `what`.
+async fn wait_held(faulty: &FaultyStore, n: u64, what: &str) {
+    let t0 = std::time::Instant::now();
+    while faulty
+        .stats()
+        .held
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < n
+    {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Writes "victim" with `data`, then changes its mode (its attributes wait for a flush).
+/// Returns its inode.
+async fn victim_with_new_mode(v: &Vfs, data: &[u8]) -> u64 {
+    write_file(v, "victim", data).await.unwrap();
+    let e = v.lookup(ROOT, "victim").await.unwrap();
+    let chmod = coffer::vfs::SetAttr {
+        perm: Some(0o600),
+        ..Default::default()
+    };
+    v.setattr(e.ino, chmod).await.unwrap();
+    e.ino
+}
+
 /// The stress test's corruption (stop 23): an attribute flush copies the object with the
 /// envelope it read first; a commit of new content landing between that read and the copy
 /// left an object whose envelope belonged to the old content, unreadable for good. The
 /// copy is held here at exactly that point while the file is changed.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_attribute_flush_racing_a_commit_keeps_the_file_readable() {
-    use coffer::vfs::SetAttr;
-    use std::sync::atomic::Ordering;
     let staging = tempfile::tempdir().unwrap();
     let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
     let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     let old: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
-    write_file(&v, "victim", &old).await.unwrap();
-    let e = v.lookup(ROOT, "victim").await.unwrap();
-    v.setattr(
-        e.ino,
-        SetAttr {
-            perm: Some(0o600),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let ino = victim_with_new_mode(&v, &old).await;
 
     // The flush reads the envelope, then its copy waits.
-    faulty.set_plan(FaultPlan {
-        hold_prefix: Some("victim".into()),
-        hold_only: vec!["copy"],
-        ..Default::default()
-    });
+    hold_victim(&faulty, vec!["copy"]);
     let flusher = tokio::spawn({
         let v = v.clone();
         async move { v.flush_all_metadata().await }
     });
-    let held = || faulty.stats().held.load(Ordering::SeqCst);
-    let t0 = std::time::Instant::now();
-    while held() == 0 {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(10),
-            "the attribute flush never reached its copy"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    wait_held(&faulty, 1, "the attribute flush never reached its copy").await;
     // Meanwhile the file is changed and closed (a staged rewrite: new data key).
     let writer = tokio::spawn({
         let v = v.clone();
         async move {
-            let fh = v.open(e.ino, false).await.unwrap();
-            v.write(e.ino, 1000, &[0xee; 5000]).await.unwrap();
-            v.release(e.ino, fh).await
+            let fh = v.open(ino, false).await.unwrap();
+            v.write(ino, 1000, &[0xee; 5000]).await.unwrap();
+            v.release(ino, fh).await
         }
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -255,54 +268,30 @@ async fn an_attribute_flush_racing_a_commit_keeps_the_file_readable() {
 /// versions still has the version the copy names).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_attribute_flush_racing_an_unlink_does_not_bring_the_file_back() {
-    use coffer::vfs::SetAttr;
-    use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
     let staging = tempfile::tempdir().unwrap();
     let faulty = FaultyStore::new(Arc::new(MemoryStore::new(true)));
     let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
-    write_file(&v, "victim", b"short-lived").await.unwrap();
-    let e = v.lookup(ROOT, "victim").await.unwrap();
-    let chmod = SetAttr {
-        perm: Some(0o600),
-        ..Default::default()
-    };
-    v.setattr(e.ino, chmod).await.unwrap();
+    victim_with_new_mode(&v, b"short-lived").await;
 
     // The unlink's delete waits; the flush starts meanwhile, and its copy would wait too.
-    faulty.set_plan(FaultPlan {
-        hold_prefix: Some("victim".into()),
-        hold_only: vec!["copy", "delete"],
-        ..Default::default()
-    });
-    let held = || faulty.stats().held.load(Ordering::SeqCst);
+    hold_victim(&faulty, vec!["copy", "delete"]);
     let unlink = tokio::spawn({
         let v = v.clone();
         async move { v.unlink(ROOT, "victim").await }
     });
-    let t0 = Instant::now();
-    while held() == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the delete never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_held(&faulty, 1, "the delete never started").await;
     let flusher = tokio::spawn({
         let v = v.clone();
         async move { v.flush_all_metadata().await }
     });
     // Time for the flush to reach its copy, if nothing stops it before.
-    let t0 = Instant::now();
-    while held() < 2 && t0.elapsed() < Duration::from_millis(500) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        wait_held(&faulty, 2, "unreachable"),
+    );
+    let _ = waited.await;
     // The delete goes first, then anything the flush held.
-    faulty.set_plan(FaultPlan {
-        hold_prefix: Some("victim".into()),
-        hold_only: vec!["copy"],
-        ..Default::default()
-    });
+    hold_victim(&faulty, vec!["copy"]);
     unlink.await.unwrap().unwrap();
     faulty.release();
     let _ = flusher.await.unwrap();
@@ -325,8 +314,6 @@ async fn an_attribute_flush_racing_an_unlink_does_not_bring_the_file_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_racing_a_write_rewraps_the_new_envelope() {
     use coffer::crypt::keys::{KeyProvider, KeyRing, RootKey};
-    use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
     let ring = |b: u8| -> Arc<dyn KeyProvider> {
         let key = RootKey::from_bytes(zeroize::Zeroizing::new([b; 32]));
         Arc::new(KeyRing::new(vec![key]).unwrap())
@@ -336,24 +323,13 @@ async fn a_rotation_racing_a_write_rewraps_the_new_envelope() {
     let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     write_file(&v, "victim", &[1u8; 100_000]).await.unwrap();
 
-    faulty.set_plan(FaultPlan {
-        hold_prefix: Some("victim".into()),
-        hold_only: vec!["copy"],
-        ..Default::default()
-    });
+    hold_victim(&faulty, vec!["copy"]);
     let rotation = tokio::spawn({
         let store = faulty.clone();
         let (from, to) = (ring(1), ring(2));
         async move { coffer::crypt::rotate::rotate(&store, "", &from, &to, &mut |_, _| {}).await }
     });
-    let t0 = Instant::now();
-    while faulty.stats().held.load(Ordering::SeqCst) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the rotation never copied"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_held(&faulty, 1, "the rotation never copied").await;
     // Rewritten whole (a new data key) while the rotation's copy waits.
     let e = v.lookup(ROOT, "victim").await.unwrap();
     let fh = v.open(e.ino, true).await.unwrap();
@@ -380,37 +356,17 @@ async fn a_rotation_racing_a_write_rewraps_the_new_envelope() {
 /// flush.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_rewritten_by_another_client_during_an_attribute_flush_stays_whole() {
-    use coffer::vfs::SetAttr;
-    use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
     let staging = tempfile::tempdir().unwrap();
     let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
     let v = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
-    write_file(&v, "victim", &[1u8; 10_000]).await.unwrap();
-    let e = v.lookup(ROOT, "victim").await.unwrap();
-    let chmod = SetAttr {
-        perm: Some(0o600),
-        ..Default::default()
-    };
-    v.setattr(e.ino, chmod).await.unwrap();
+    let ino = victim_with_new_mode(&v, &[1u8; 10_000]).await;
 
-    faulty.set_plan(FaultPlan {
-        hold_prefix: Some("victim".into()),
-        hold_only: vec!["copy"],
-        ..Default::default()
-    });
+    hold_victim(&faulty, vec!["copy"]);
     let fsync = tokio::spawn({
         let v = v.clone();
-        async move { v.fsync(e.ino).await.map_err(|e| e.errno()) }
+        async move { v.fsync(ino).await.map_err(|e| e.errno()) }
     });
-    let t0 = Instant::now();
-    while faulty.stats().held.load(Ordering::SeqCst) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the flush never copied"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_held(&faulty, 1, "the flush never copied").await;
     // The other client: a second mount of the same store.
     let other_staging = tempfile::tempdir().unwrap();
     let other = test_vfs(Arc::new(faulty.clone()), other_staging.path(), "", 16, 1);
@@ -428,7 +384,7 @@ async fn a_file_rewritten_by_another_client_during_an_attribute_flush_stays_whol
         "the other client's content, whole"
     );
     // The next flush stores the attributes, on the content that is there now.
-    v.fsync(e.ino).await.unwrap();
+    v.fsync(ino).await.unwrap();
     let fresh = test_vfs(Arc::new(faulty.clone()), staging.path(), "", 16, 1);
     let f = fresh.lookup(ROOT, "victim").await.unwrap();
     assert_eq!(f.attr.perm, 0o600);
