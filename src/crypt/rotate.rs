@@ -104,9 +104,8 @@ pub async fn rotate(
         // head says now.
         let mut seen = obj;
         let mut attempt = 1;
-        loop {
-            let outcome = rewrap_one(store, &seen, from, to, &target).await;
-            match outcome {
+        let outcome = loop {
+            match rewrap_one(store, &seen, from, to, &target).await {
                 Err(RotateError::Store(StoreError::PreconditionFailed { .. }))
                     if attempt < MAX_ATTEMPTS =>
                 {
@@ -115,20 +114,13 @@ pub async fn rotate(
                     attempt += 1;
                     seen = store.head(&seen.key, &GetOptions::default()).await?;
                 }
-                Err(e) => return Err(e),
-                Ok(Rewrap::Unencrypted) => {
-                    report.unencrypted += 1;
-                    break;
-                }
-                Ok(Rewrap::Current) => {
-                    report.already_current += 1;
-                    break;
-                }
-                Ok(Rewrap::Done) => {
-                    report.rewrapped += 1;
-                    break;
-                }
+                other => break other?,
             }
+        };
+        match outcome {
+            Rewrap::Unencrypted => report.unencrypted += 1,
+            Rewrap::Current => report.already_current += 1,
+            Rewrap::Done => report.rewrapped += 1,
         }
         progress(i as u64 + 1, total);
     }

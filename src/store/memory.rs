@@ -269,7 +269,7 @@ impl ObjectStore for MemoryStore {
     async fn copy(&self, src: &str, dst: &str, opts: &CopyOptions) -> StoreResult<ObjectInfo> {
         let v = self.find(src, opts.source_version_id.as_deref())?;
         Self::check_sse(src, &v, &opts.source_sse)?;
-        check_source_etag(src, &v.etag, opts)?;
+        check_source_etag(src, &v.etag, opts.source_if_match.as_deref())?;
         let put = PutOptions {
             metadata: opts.metadata.clone().unwrap_or(v.metadata.clone()),
             sse: opts.sse.clone(),

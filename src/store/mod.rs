@@ -439,9 +439,9 @@ async fn list_range(
     }
 }
 
-/// [`CopyOptions::source_if_match`] against the source's ETag `etag`.
-pub fn check_source_etag(src: &str, etag: &str, opts: &CopyOptions) -> StoreResult<()> {
-    match &opts.source_if_match {
+/// [`CopyOptions::source_if_match`] (`want`) against the source's ETag `etag`.
+pub fn check_source_etag(src: &str, etag: &str, want: Option<&str>) -> StoreResult<()> {
+    match want {
         Some(want) if want != etag => Err(StoreError::PreconditionFailed {
             key: src.to_string(),
             detail: format!("the source's ETag is {etag:?}, not {want:?}: it changed"),

@@ -1689,7 +1689,7 @@ impl Vfs {
                     Some(f) => Some(f.lock().await),
                     None => None,
                 };
-                if fd.is_some() && !self.table.lock().get(ino).is_ok_and(|i| !i.unlinked) {
+                if self.table.lock().get(ino).map_or(true, |i| i.unlinked) {
                     // Removed while this waited for the file (see `remove`).
                     return Ok(());
                 }

@@ -349,10 +349,7 @@ impl LocalStore {
         let (src, dst) = (src.to_string(), dst.to_string());
         let new_meta = opts.metadata.clone();
         let src_id = opts.source_version_id.clone();
-        let if_match = CopyOptions {
-            source_if_match: opts.source_if_match.clone(),
-            ..Default::default()
-        };
+        let if_match = opts.source_if_match.clone();
         let (src_sse, dst_sse) = (opts.source_sse.clone(), opts.sse.clone());
         blocking(move || {
             // Find a verified record of the source; the data file is shared by a hard link,
@@ -361,7 +358,7 @@ impl LocalStore {
             // queues behind the source's layout files on every replica.
             let (rec, id) = inner.record_of(&src, src_id.as_deref())?;
             let src_key = sse::for_get(&src, rec.sse.as_ref(), &src_sse, inner.store_key())?;
-            crate::store::check_source_etag(&src, &rec.etag, &if_match)?;
+            crate::store::check_source_etag(&src, &rec.etag, if_match.as_deref())?;
             if !sse::same_encryption(rec.sse.as_ref(), &dst_sse) {
                 inner.settle();
                 let metadata = new_meta.unwrap_or(rec.metadata.clone());
@@ -871,15 +868,14 @@ impl Inner {
     /// The record and version id of `key`'s version `id`, or of its newest. A version just
     /// written whose layout files are still queued is taken from its journal entry, without
     /// waiting for the workers: a rename's head and copy of the file just closed (rsync's
-    /// pattern) would otherwise wait for that file's layout files every time. A copy naming
-    /// that version by its id is served from the entry too.
+    /// pattern) would otherwise wait for that file's layout files every time.
     fn record_of(
         self: &Arc<Self>,
         key: &str,
         id: Option<&str>,
     ) -> StoreResult<(MetaRecord, String)> {
-        if let Some(e) = self.pending_version(key)
-            && id.is_none_or(|id| id == e.id)
+        if id.is_none()
+            && let Some(e) = self.pending_version(key)
         {
             if e.data == EntryData::Marker {
                 return Err(StoreError::not_found(key));

@@ -855,7 +855,7 @@ impl ObjectStore for S3Store {
         let source_info = self.head(src, &head_opts).await?;
         // Checked here too: a part-by-part copy's first part would otherwise be the first
         // to find out, after the upload was started.
-        super::check_source_etag(src, &source_info.etag, opts)?;
+        super::check_source_etag(src, &source_info.etag, opts.source_if_match.as_deref())?;
         let mut source = format!(
             "{}/{}",
             self.location.bucket,
