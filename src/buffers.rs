@@ -174,7 +174,7 @@ impl Drop for Pooled {
 /// tags), with room for the local store's whole checksum blocks around it and the
 /// alignment of a direct read. Each holds chunks in the chunk cache until they are
 /// evicted, then serves the next get.
-pub const GET_BUFFER_BYTES: usize = (2 << 20) + (256 << 10);
+pub const GET_BUFFER_BYTES: usize = (8 << 20) + (256 << 10);
 /// Idle get buffers kept: gets take them as fast as the cache gives them back.
 pub const GET_BUFFERS_KEPT: usize = 4;
 pub static GET_BUFFERS: BufferPool = BufferPool::new(GET_BUFFER_BYTES, GET_BUFFERS_KEPT);

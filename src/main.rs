@@ -64,6 +64,10 @@ enum Command {
         /// Bytes to write and read, in MiB.
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
+        /// Drop the page cache (as root) between the upload and the reads, so that they are
+        /// as cold as a mount's cold read.
+        #[arg(long)]
+        drop_caches: bool,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -651,8 +655,9 @@ fn main() {
         Command::StoreThroughput {
             source,
             size_mib,
+            drop_caches,
             s3,
-        } => store_throughput(&source, size_mib, &s3),
+        } => store_throughput(&source, size_mib, drop_caches, &s3),
         Command::CryptThroughput { size_mib } => {
             let rows = coffer::crypt::throughput::measure(size_mib << 20);
             println!("{}", coffer::crypt::throughput::report_json(&rows));
@@ -1484,7 +1489,7 @@ fn restore(a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-fn store_throughput(source: &str, size_mib: u64, s3: &S3Args) -> Result<()> {
+fn store_throughput(source: &str, size_mib: u64, drop_caches: bool, s3: &S3Args) -> Result<()> {
     let rt = runtime()?;
     let (store, _lock, _) = open_store_only(&rt, source, s3)?;
     let key = format!("coffer-throughput-{}", std::process::id());
@@ -1492,6 +1497,14 @@ fn store_throughput(source: &str, size_mib: u64, s3: &S3Args) -> Result<()> {
         store,
         &key,
         size_mib << 20,
+        || {
+            if drop_caches {
+                // SAFETY: sync(2) takes no arguments and cannot fail.
+                unsafe { libc::sync() };
+                std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+            }
+            Ok(())
+        },
     ))?;
     println!(
         "{{\"bytes\":{},\"put_mbps\":{:.1},\"get_mbps\":{:.1}}}",

@@ -23,7 +23,7 @@ static NEXT_OBJECT: AtomicU64 = AtomicU64::new(1);
 /// Most ciphertext per ranged get: a long read-ahead becomes several gets in flight at once
 /// (S3 serves parallel gets faster than one long one) and its first chunks are usable while
 /// later ones still arrive.
-pub const SEGMENT_BYTES: u64 = 2 << 20;
+pub const SEGMENT_BYTES: u64 = 8 << 20;
 /// Objects up to this plaintext size are fetched whole when opened.
 pub const WHOLE_OBJECT_BYTES: u64 = 1 << 20;
 /// Gets in flight for one read.
