@@ -1499,9 +1499,7 @@ fn store_throughput(source: &str, size_mib: u64, drop_caches: bool, s3: &S3Args)
         size_mib << 20,
         || {
             if drop_caches {
-                // SAFETY: sync(2) takes no arguments and cannot fail.
-                unsafe { libc::sync() };
-                std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+                coffer::store::throughput::drop_page_cache()?;
             }
             Ok(())
         },

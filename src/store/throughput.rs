@@ -118,15 +118,22 @@ fn fill(buf: &mut [u8], start: u64, base: &[u8]) {
     let end = start + buf.len() as u64;
     let mut block = start / STAMP_EVERY * STAMP_EVERY;
     while block < end {
-        let stamp = block.to_le_bytes();
-        for (k, b) in stamp.iter().enumerate() {
-            let at = block + k as u64;
-            if (start..end).contains(&at) {
-                buf[(at - start) as usize] = *b;
-            }
+        let (from, to) = (block.max(start), (block + 8).min(end));
+        if from < to {
+            let stamp = block.to_le_bytes();
+            buf[(from - start) as usize..(to - start) as usize]
+                .copy_from_slice(&stamp[(from - block) as usize..(to - block) as usize]);
         }
         block += STAMP_EVERY;
     }
+}
+
+/// Writes the dirty pages out and drops the page cache (root only), so that the reads after
+/// it come from the disk.
+pub fn drop_page_cache() -> std::io::Result<()> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
 }
 
 #[cfg(test)]
