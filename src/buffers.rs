@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 
 /// Bytes held by idle buffers in all pools.
@@ -147,6 +147,36 @@ impl BufferPool {
         }
     }
 
+    /// `v` as `Bytes` that [`Self::reclaim`] can take back as a whole buffer: a get's
+    /// ciphertext, which the reader then opens where it lies. (Bytes that give their buffer
+    /// back to the pool on drop, as [`Self::shared`] makes, cannot be made mutable again;
+    /// these, dropped unreclaimed, free their buffer instead.)
+    pub fn reclaimable(&self, v: Vec<u8>) -> Bytes {
+        Bytes::from(v)
+    }
+
+    /// The buffer of `bytes` to change in place, if nothing else holds it (see
+    /// [`Self::reclaimable`]); else a copy of them, in one of the pool's buffers if they fit.
+    pub fn reclaim(&self, bytes: Bytes) -> BytesMut {
+        bytes.try_into_mut().unwrap_or_else(|shared| {
+            Bytes::from(self.copy_of(&shared))
+                .try_into_mut()
+                .expect("a new buffer has no other holder")
+        })
+    }
+
+    /// [`Self::shared`] for a reclaimed buffer (see [`Self::reclaim`]).
+    pub fn shared_mut(&'static self, buf: BytesMut) -> Bytes {
+        Bytes::from_owner(PooledMut { buf, pool: self })
+    }
+
+    /// Gives a reclaimed buffer back: all of it, whatever part of it `buf` still covers.
+    pub fn give_mut(&self, mut buf: BytesMut) {
+        // Emptied first: the conversion then moves no bytes to the front of the buffer.
+        buf.clear();
+        self.give(Vec::from(buf));
+    }
+
     fn keeps(&self, capacity: usize) -> bool {
         (self.capacity..=2 * self.capacity).contains(&capacity)
     }
@@ -167,6 +197,24 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         self.pool.give_filled(std::mem::take(&mut self.buf));
+    }
+}
+
+/// A reclaimed pooled buffer owned by `Bytes` (see [`BufferPool::shared_mut`]).
+struct PooledMut {
+    buf: BytesMut,
+    pool: &'static BufferPool,
+}
+
+impl AsRef<[u8]> for PooledMut {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledMut {
+    fn drop(&mut self) {
+        self.pool.give_mut(std::mem::take(&mut self.buf));
     }
 }
 
@@ -223,6 +271,44 @@ mod tests {
         assert_eq!(POOL.for_len(8).capacity(), 8);
         let small = POOL.bytes(POOL.for_len(8));
         assert!(small.try_into_mut().is_ok(), "mutable again without a copy");
+    }
+
+    #[test]
+    fn a_reclaimed_buffer_is_changed_in_place_and_comes_back_whole() {
+        static POOL: BufferPool = BufferPool::new(64, 2);
+        let mut v = POOL.take();
+        v.extend_from_slice(&[1u8; 48]);
+        let ptr = v.as_ptr();
+        // A get hands out a slice of its buffer (the local store's checksum blocks around it).
+        let got = POOL.reclaimable(v).slice(8..40);
+        let mut buf = POOL.reclaim(got);
+        assert_eq!(buf.as_ptr(), ptr.wrapping_add(8), "in place: no copy");
+        buf.fill(2);
+        let shared = POOL.shared_mut(buf);
+        let piece = shared.slice(4..8);
+        drop(shared);
+        assert!(POOL.idle.lock().is_empty(), "a slice still holds it");
+        assert_eq!(&piece[..], &[2u8; 4]);
+        drop(piece);
+        let again = POOL.take();
+        assert_eq!(again.as_ptr(), ptr, "the whole buffer came back");
+        assert!(again.capacity() >= 64);
+        // Held elsewhere too: a copy, which leaves the other holder's bytes alone.
+        let mut v = POOL.take();
+        v.clear();
+        v.extend_from_slice(&[3u8; 40]);
+        let got = POOL.reclaimable(v);
+        let other = got.clone();
+        let mut copy = POOL.reclaim(got);
+        assert_ne!(copy.as_ptr(), other.as_ptr());
+        copy.fill(4);
+        assert_eq!(&other[..], &[3u8; 40]);
+        POOL.give_mut(copy);
+        assert_eq!(
+            POOL.idle.lock().len(),
+            1,
+            "the copy's pooled buffer came back"
+        );
     }
 
     #[test]

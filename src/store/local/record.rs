@@ -240,7 +240,9 @@ pub fn read_verified_bytes(
         GET_BUFFERS.give(data);
         return Ok(Ok(out));
     }
-    Ok(Ok(GET_BUFFERS.bytes(data).slice(base + from..base + to)))
+    Ok(Ok(GET_BUFFERS
+        .reclaimable(data)
+        .slice(base + from..base + to)))
 }
 
 /// Spans at least this long that the page cache does not hold are read around it

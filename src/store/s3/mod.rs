@@ -62,7 +62,7 @@ async fn collect_body(
     while let Some(frame) = body.try_next().await? {
         buf.extend_from_slice(&frame);
     }
-    Ok(GET_BUFFERS.bytes(buf))
+    Ok(GET_BUFFERS.reclaimable(buf))
 }
 
 /// Marks a checksum mismatch on a multipart object (see [`S3Store::get_once`]).
