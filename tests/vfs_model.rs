@@ -474,3 +474,73 @@ fn mount_agrees_with_tmpfs() {
         })
         .unwrap();
 }
+
+/// FUSE writes that continue a streaming file are done at once from the caller's buffer
+/// (`Vfs::try_write_now`); a write whose turn has not come, or that is not where the stream
+/// is, is refused that way and goes through `write_in_order`. Either way the file holds
+/// every write in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_done_at_once_and_writes_that_wait_make_the_same_file() {
+    let staging = tempfile::tempdir().unwrap();
+    let mem = MemoryStore::new(false);
+    let v = common::test_vfs(Arc::new(mem.clone()), staging.path(), "", 16, 1);
+    let (e, fh) = v.create(ROOT, "f", 0o644, 0, 0).await.unwrap();
+    let piece = |k: u8| vec![k; 100_000];
+    let mut expected = Vec::new();
+    // The first write starts the stream (a data key, a budget): it waits.
+    let t = v.write_ticket(e.ino);
+    assert!(v.try_write_now(e.ino, 0, &piece(0), &t).is_none());
+    v.write_in_order(e.ino, 0, &piece(0), t).await.unwrap();
+    expected.extend(piece(0));
+    let mut at_once = 0;
+    for k in 1..100u8 {
+        let (a, b) = (piece(k), piece(k + 100));
+        let off = expected.len() as u64;
+        let t = v.write_ticket(e.ino);
+        let next = v.write_ticket(e.ino);
+        // Where the stream is, but the write ahead of it has not been done.
+        assert!(
+            v.try_write_now(e.ino, off, &b, &next).is_none(),
+            "a write was done before the one ahead of it"
+        );
+        match v.try_write_now(e.ino, off, &a, &t) {
+            Some(r) => {
+                assert_eq!(r.unwrap(), a.len() as u32);
+                drop(t);
+                at_once += 1;
+            }
+            None => {
+                v.write_in_order(e.ino, off, &a, t).await.unwrap();
+            }
+        }
+        expected.extend(&a);
+        v.write_in_order(e.ino, expected.len() as u64, &b, next)
+            .await
+            .unwrap();
+        expected.extend(&b);
+    }
+    let t = v.write_ticket(e.ino);
+    assert!(
+        v.try_write_now(e.ino, 5, b"x", &t).is_none(),
+        "not where the stream is"
+    );
+    drop(t);
+    assert!(
+        at_once > 50,
+        "only {at_once} of 99 writes were done at once"
+    );
+    assert_eq!(v.getattr(e.ino).await.unwrap().size, expected.len() as u64);
+    v.release(e.ino, fh).await.unwrap();
+
+    let fresh = common::test_vfs(Arc::new(mem), staging.path(), "", 16, 1);
+    let e = fresh.lookup(ROOT, "f").await.unwrap();
+    let fh = fresh.open(e.ino, false).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let part = fresh.read(e.ino, got.len() as u64, 1 << 20).await.unwrap();
+        assert!(!part.is_empty());
+        got.extend(part);
+    }
+    fresh.release(e.ino, fh).await.unwrap();
+    assert!(got == expected, "the file differs from the writes");
+}

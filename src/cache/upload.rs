@@ -154,17 +154,7 @@ impl StreamingWriter {
             // writers never wait on each other's partial reservations.
             self.held = b.reserve(2 * (self.part_size() + (1 << 20))).await;
         }
-        let wanted = self.pending.len() + data.len();
-        if wanted > self.pending.capacity() && wanted > 1 << 20 {
-            // Past the first MiB the file is large: gather the part in a whole part buffer
-            // rather than growing one by doubling (each doubling copies the part again and
-            // faults in fresh pages).
-            let mut part = self.part_buffer();
-            part.extend_from_slice(&self.pending);
-            WRITE_BUFFERS.give(std::mem::replace(&mut self.pending, part));
-        }
-        self.pending.extend_from_slice(data);
-        self.written += data.len() as u64;
+        self.gather(data);
         while self.pending.len() > self.part_size() {
             let size = self.part_size();
             // Only the tail, in a buffer of its size: a whole part buffer held while the
@@ -176,6 +166,33 @@ impl StreamingWriter {
             self.send(part, false).await?;
         }
         Ok(())
+    }
+
+    /// [`Self::append`] when it needs no waiting: the writer holds its budget already and
+    /// `data` does not complete a part. Returns false, having changed nothing, otherwise.
+    pub fn try_append_now(&mut self, data: &[u8]) -> bool {
+        if self.budget.is_some() && self.held.bytes() == 0
+            || self.pending.len() + data.len() > self.part_size()
+        {
+            return false;
+        }
+        self.gather(data);
+        true
+    }
+
+    /// Adds `data` to the part being filled.
+    fn gather(&mut self, data: &[u8]) {
+        let wanted = self.pending.len() + data.len();
+        if wanted > self.pending.capacity() && wanted > 1 << 20 {
+            // Past the first MiB the file is large: gather the part in a whole part buffer
+            // rather than growing one by doubling (each doubling copies the part again and
+            // faults in fresh pages).
+            let mut part = self.part_buffer();
+            part.extend_from_slice(&self.pending);
+            WRITE_BUFFERS.give(std::mem::replace(&mut self.pending, part));
+        }
+        self.pending.extend_from_slice(data);
+        self.written += data.len() as u64;
     }
 
     /// An empty buffer for a whole part and one more write, reused where possible.

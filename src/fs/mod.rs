@@ -386,9 +386,17 @@ impl Filesystem for CofferFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let data = WRITE_BUFFERS.copy_of(data);
         // The ticket is taken here, in arrival order, before the task may be reordered.
         let ticket = self.vfs.write_ticket(ino.0);
+        if let Some(result) = self.vfs.try_write_now(ino.0, offset, data, &ticket) {
+            drop(ticket);
+            match result {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
+        let data = WRITE_BUFFERS.copy_of(data);
         self.run(|vfs| async move {
             let result = vfs.write_in_order(ino.0, offset, &data, ticket).await;
             WRITE_BUFFERS.give(data);

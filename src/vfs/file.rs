@@ -383,6 +383,15 @@ impl FileData {
         }
     }
 
+    /// [`Self::write`] of a write that continues a streaming file, when it needs no waiting
+    /// (see [`StreamingWriter::try_append_now`]); false, having changed nothing, otherwise.
+    pub fn try_write_now(&mut self, offset: u64, data: &[u8]) -> bool {
+        match &mut self.content {
+            Content::Streaming(w) if w.written() == offset => w.try_append_now(data),
+            _ => false,
+        }
+    }
+
     pub async fn write(
         &mut self,
         ctx: &FileCtx<'_>,

@@ -1451,6 +1451,40 @@ impl Vfs {
         result
     }
 
+    /// A write done at once on the calling thread, from the caller's buffer, where it is
+    /// its ticket's turn and the write needs no waiting (it continues a streaming file
+    /// without completing a part); `None` if it must go through [`Self::write_in_order`].
+    /// Copying every FUSE write out of fuser's buffer first, for a task that might wait,
+    /// was 7 % of the mount's CPU in a sequential write; seven writes in eight need not.
+    pub fn try_write_now(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        ticket: &WriteTicket,
+    ) -> Option<FsResult<u32>> {
+        if ticket.gate.serving.load(Ordering::Acquire) != ticket.n || self.cfg.read_only {
+            return None;
+        }
+        let _ns = self.namespace.try_read().ok()?;
+        let f = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok()?;
+            if i.unlinked {
+                return None;
+            }
+            i.file.clone()?
+        };
+        let mut fd = f.try_lock().ok()?;
+        self.forget_cached_pages(ino);
+        if !fd.try_write_now(offset, data) {
+            return None;
+        }
+        let size = fd.size();
+        drop(fd);
+        Some(self.note_written(ino, size, data.len()))
+    }
+
     async fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
         self.forget_cached_pages(ino);
@@ -1466,6 +1500,11 @@ impl Vfs {
             })?;
         let size = fd.size();
         drop(fd);
+        self.note_written(ino, size, data.len())
+    }
+
+    /// A write's effect on the inode: its size and times.
+    fn note_written(&self, ino: u64, size: u64, len: usize) -> FsResult<u32> {
         let mut t = self.table.lock();
         let i = t.get_mut(ino)?;
         let now = SystemTime::now();
@@ -1474,8 +1513,8 @@ impl Vfs {
         i.attr.ctime = now;
         self.stats
             .bytes_written
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(data.len() as u32)
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok(len as u32)
     }
 
     async fn truncate_file(
