@@ -167,7 +167,7 @@ impl BufferPool {
 
     /// [`Self::shared`] for a reclaimed buffer (see [`Self::reclaim`]).
     pub fn shared_mut(&'static self, buf: BytesMut) -> Bytes {
-        Bytes::from_owner(PooledMut { buf, pool: self })
+        Bytes::from_owner(Pooled { buf, pool: self })
     }
 
     /// Gives a reclaimed buffer back: all of it, whatever part of it `buf` still covers.
@@ -182,43 +182,42 @@ impl BufferPool {
     }
 }
 
-/// A pooled buffer owned by `Bytes` (see [`BufferPool::shared`]).
-struct Pooled {
-    buf: Vec<u8>,
+/// A buffer that `Bytes` own and give back to its pool when the last of them is dropped:
+/// a whole one ([`BufferPool::shared`]) or a reclaimed one ([`BufferPool::shared_mut`]).
+trait PoolBuffer: AsRef<[u8]> + Default + Send + 'static {
+    fn give_back(self, pool: &BufferPool);
+}
+
+impl PoolBuffer for Vec<u8> {
+    fn give_back(self, pool: &BufferPool) {
+        pool.give_filled(self);
+    }
+}
+
+impl PoolBuffer for BytesMut {
+    fn give_back(self, pool: &BufferPool) {
+        pool.give_mut(self);
+    }
+}
+
+struct Pooled<B: PoolBuffer> {
+    buf: B,
     pool: &'static BufferPool,
 }
 
-impl AsRef<[u8]> for Pooled {
+impl<B: PoolBuffer> AsRef<[u8]> for Pooled<B> {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        self.buf.as_ref()
     }
 }
 
-impl Drop for Pooled {
+impl<B: PoolBuffer> Drop for Pooled<B> {
     fn drop(&mut self) {
-        self.pool.give_filled(std::mem::take(&mut self.buf));
+        std::mem::take(&mut self.buf).give_back(self.pool);
     }
 }
 
-/// A reclaimed pooled buffer owned by `Bytes` (see [`BufferPool::shared_mut`]).
-struct PooledMut {
-    buf: BytesMut,
-    pool: &'static BufferPool,
-}
-
-impl AsRef<[u8]> for PooledMut {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for PooledMut {
-    fn drop(&mut self) {
-        self.pool.give_mut(std::mem::take(&mut self.buf));
-    }
-}
-
-/// Buffers of store gets: a read-ahead segment of ciphertext (2 MiB of plaintext and its
+/// Buffers of store gets: a read-ahead segment of ciphertext (8 MiB of plaintext and its
 /// tags), with room for the local store's whole checksum blocks around it and the
 /// alignment of a direct read. Each holds chunks in the chunk cache until they are
 /// evicted, then serves the next get.
@@ -251,20 +250,38 @@ mod tests {
         assert_eq!(pool.idle.lock().len(), 2);
     }
 
+    /// A buffer of `pool` holding `len` bytes `byte`, and where it is.
+    fn taken_and_filled(pool: &BufferPool, byte: u8, len: usize) -> (Vec<u8>, *const u8) {
+        let mut v = pool.take();
+        v.clear();
+        v.resize(len, byte);
+        let ptr = v.as_ptr();
+        (v, ptr)
+    }
+
+    /// Drops `whole` while a slice of it lives (the buffer stays out of the pool), then the
+    /// slice: the buffer at `ptr` is the pool's next. Returns the slice's bytes and the buffer.
+    fn back_after_last_slice(
+        pool: &BufferPool,
+        whole: Bytes,
+        ptr: *const u8,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let part = whole.slice(4..8);
+        drop(whole);
+        assert!(pool.idle.lock().is_empty(), "a slice still holds it");
+        let bytes = part.to_vec();
+        drop(part);
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), ptr, "the same buffer came back");
+        (bytes, again)
+    }
+
     #[test]
     fn shared_bytes_give_their_buffer_back_when_the_last_slice_goes() {
         static POOL: BufferPool = BufferPool::new(64, 2);
-        let mut v = POOL.take();
-        v.extend_from_slice(&[9u8; 40]);
-        let ptr = v.as_ptr();
-        let whole = POOL.shared(v);
-        let part = whole.slice(10..20);
-        drop(whole);
-        assert!(POOL.idle.lock().is_empty(), "a slice still holds it");
-        assert_eq!(&part[..], &[9u8; 10]);
-        drop(part);
-        let again = POOL.take();
-        assert_eq!(again.as_ptr(), ptr, "the same buffer came back");
+        let (v, ptr) = taken_and_filled(&POOL, 9, 40);
+        let (part, again) = back_after_last_slice(&POOL, POOL.shared(v), ptr);
+        assert_eq!(part, [9u8; 4]);
         assert_eq!(again.len(), 40, "with its contents, to be overwritten");
         // A small get gets a buffer of its own size, plain Bytes, never a pooled one.
         assert!(!POOL.suits(31) && POOL.suits(32) && POOL.suits(64) && !POOL.suits(65));
@@ -276,23 +293,15 @@ mod tests {
     #[test]
     fn a_reclaimed_buffer_is_changed_in_place_and_comes_back_whole() {
         static POOL: BufferPool = BufferPool::new(64, 2);
-        let mut v = POOL.take();
-        v.extend_from_slice(&[1u8; 48]);
-        let ptr = v.as_ptr();
+        let (v, ptr) = taken_and_filled(&POOL, 1, 48);
         // A get hands out a slice of its buffer (the local store's checksum blocks around it).
         let got = POOL.reclaimable(v).slice(8..40);
         let mut buf = POOL.reclaim(got);
         assert_eq!(buf.as_ptr(), ptr.wrapping_add(8), "in place: no copy");
         buf.fill(2);
-        let shared = POOL.shared_mut(buf);
-        let piece = shared.slice(4..8);
-        drop(shared);
-        assert!(POOL.idle.lock().is_empty(), "a slice still holds it");
-        assert_eq!(&piece[..], &[2u8; 4]);
-        drop(piece);
-        let again = POOL.take();
-        assert_eq!(again.as_ptr(), ptr, "the whole buffer came back");
-        assert!(again.capacity() >= 64);
+        let (part, again) = back_after_last_slice(&POOL, POOL.shared_mut(buf), ptr);
+        assert_eq!(part, [2u8; 4]);
+        assert!(again.capacity() >= 64, "the whole buffer");
         // Held elsewhere too: a copy, which leaves the other holder's bytes alone.
         let mut v = POOL.take();
         v.clear();
