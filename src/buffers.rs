@@ -303,9 +303,7 @@ mod tests {
         assert_eq!(part, [2u8; 4]);
         assert!(again.capacity() >= 64, "the whole buffer");
         // Held elsewhere too: a copy, which leaves the other holder's bytes alone.
-        let mut v = POOL.take();
-        v.clear();
-        v.extend_from_slice(&[3u8; 40]);
+        let (v, _) = taken_and_filled(&POOL, 3, 40);
         let got = POOL.reclaimable(v);
         let other = got.clone();
         let mut copy = POOL.reclaim(got);

@@ -82,6 +82,13 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {
     }
 }
 
+fn reply_written(reply: ReplyWrite, r: Result<u32, FsError>) {
+    match r {
+        Ok(n) => reply.written(n),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn reply_entry(reply: ReplyEntry, r: Result<crate::vfs::Entry, FsError>) {
     match r {
         Ok(e) => reply.entry(&TTL, &file_attr(e.ino, &e.attr), Generation(0)),
@@ -390,20 +397,13 @@ impl Filesystem for CofferFs {
         let ticket = self.vfs.write_ticket(ino.0);
         if let Some(result) = self.vfs.try_write_now(ino.0, offset, data, &ticket) {
             drop(ticket);
-            match result {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
-            }
-            return;
+            return reply_written(reply, result);
         }
         let data = WRITE_BUFFERS.copy_of(data);
         self.run(|vfs| async move {
             let result = vfs.write_in_order(ino.0, offset, &data, ticket).await;
             WRITE_BUFFERS.give(data);
-            match result {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
-            }
+            reply_written(reply, result);
         });
     }
 

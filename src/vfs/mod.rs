@@ -247,10 +247,15 @@ pub struct WriteTicket {
 }
 
 impl WriteTicket {
+    /// Whether every write ahead of this one is done.
+    fn is_turn(&self) -> bool {
+        self.gate.serving.load(Ordering::Acquire) == self.n
+    }
+
     async fn wait(&self) {
         loop {
             let notified = self.gate.turn.notified();
-            if self.gate.serving.load(Ordering::Acquire) == self.n {
+            if self.is_turn() {
                 return;
             }
             notified.await;
@@ -1463,7 +1468,7 @@ impl Vfs {
         data: &[u8],
         ticket: &WriteTicket,
     ) -> Option<FsResult<u32>> {
-        if ticket.gate.serving.load(Ordering::Acquire) != ticket.n || self.cfg.read_only {
+        if !ticket.is_turn() || self.check_writable().is_err() {
             return None;
         }
         let _ns = self.namespace.try_read().ok()?;
