@@ -315,6 +315,115 @@ async fn a_rename_costs_one_journal_fdatasync_per_replica() {
     }
 }
 
+fn deferred() -> CopyOptions {
+    CopyOptions {
+        defer_durability: true,
+        ..Default::default()
+    }
+}
+
+/// A rename of a file (rsync renames every file it writes) is acknowledged before its
+/// journal entry is durable, as ext4 acknowledges one before its next commit: the
+/// fdatasync moves to the layout worker, which makes the entry durable before it writes
+/// the layout files, and to `sync` (fsync), which makes it durable before it returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_rename_is_durable_before_its_layout_and_at_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, true);
+    LocalStore::init(&cfg).unwrap();
+    let store = LocalStore::open(&cfg).unwrap();
+    store.hold_checkpoints(true);
+    store
+        .put(".a.tmp", Bytes::from(body(1, 4096)), &meta(&[]))
+        .await
+        .unwrap();
+    store
+        .put(".b.tmp", Bytes::from(body(2, 4096)), &meta(&[]))
+        .await
+        .unwrap();
+    // Settled: the puts' layout files are written.
+    assert_eq!(get(&store, ".a.tmp").await.unwrap(), body(1, 4096));
+
+    // At the call: no fdatasync.
+    store.hold_layout(true);
+    let (s0, _) = store.journal_stats();
+    store.rename(".a.tmp", "a", &deferred()).await.unwrap();
+    let (s1, _) = store.journal_stats();
+    assert_eq!(s1, s0, "a deferred rename waits for no fdatasync");
+    // sync makes it durable on both replicas, once.
+    store.sync().await.unwrap();
+    let (s2, _) = store.journal_stats();
+    assert_eq!(s2, s1 + 2, "sync: one fdatasync per replica");
+    store.sync().await.unwrap();
+    assert_eq!(
+        store.journal_stats().0,
+        s2,
+        "nothing left for a second sync"
+    );
+    // Already durable: its layout files cost no more.
+    store.hold_layout(false);
+    assert_eq!(get(&store, "a").await.unwrap(), body(1, 4096));
+    assert_eq!(store.journal_stats().0, s2);
+
+    // Without a sync, the layout worker makes it durable before writing the layout.
+    store.hold_layout(true);
+    store.rename(".b.tmp", "b", &deferred()).await.unwrap();
+    let (s3, _) = store.journal_stats();
+    assert_eq!(s3, s2);
+    store.hold_layout(false);
+    assert_eq!(get(&store, "b").await.unwrap(), body(2, 4096));
+    assert_eq!(
+        store.journal_stats().0,
+        s3 + 2,
+        "each replica's worker synced its log before the layout"
+    );
+    store.sync().await.unwrap();
+    assert_eq!(store.journal_stats().0, s3 + 2, "and sync finds it durable");
+
+    // A later durable write covers an earlier deferred one: its fdatasync syncs the log
+    // up to its own entry, so the sync after it costs nothing.
+    store
+        .put(".c.tmp", Bytes::from(body(3, 4096)), &meta(&[]))
+        .await
+        .unwrap();
+    assert_eq!(get(&store, ".c.tmp").await.unwrap(), body(3, 4096));
+    store.hold_layout(true);
+    store.rename(".c.tmp", "c", &deferred()).await.unwrap();
+    let (s4, _) = store.journal_stats();
+    store
+        .put("d", Bytes::from(body(4, 100)), &meta(&[]))
+        .await
+        .unwrap();
+    let (s5, _) = store.journal_stats();
+    assert_eq!(s5, s4 + 2, "the put's own fdatasyncs");
+    store.sync().await.unwrap();
+    assert_eq!(
+        store.journal_stats().0,
+        s5,
+        "the put's fdatasync covered the rename"
+    );
+    store.hold_layout(false);
+
+    // And all of it comes back from the journal alone after a power cut.
+    store.abandon();
+    cut_power(&cfg.replicas);
+    let store = LocalStore::open(&cfg).unwrap();
+    for (key, want) in [
+        ("a", body(1, 4096)),
+        ("b", body(2, 4096)),
+        ("c", body(3, 4096)),
+    ] {
+        assert_eq!(get(&store, key).await.unwrap(), want, "{key}");
+    }
+    assert_eq!(get(&store, "d").await.unwrap(), body(4, 100));
+    for tmp in [".a.tmp", ".b.tmp", ".c.tmp"] {
+        assert!(
+            matches!(get(&store, tmp).await, Err(StoreError::NotFound { .. })),
+            "{tmp} renamed away"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_put_does_not_come_back_from_the_journal() {
     let dir = tempfile::tempdir().unwrap();

@@ -569,13 +569,12 @@ impl Filesystem for CofferFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Directory changes are durable when their operation returns.
-        reply.ok();
+        self.run(|vfs| async move { reply_empty(reply, vfs.fsyncdir(ino.0).await) });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

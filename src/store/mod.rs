@@ -126,6 +126,11 @@ pub struct CopyOptions {
     /// [`StoreError::PreconditionFailed`]: a copy that replaces the metadata with what the
     /// caller read (an envelope) must not land on content the caller did not read.
     pub source_if_match: Option<String>,
+    /// The copy must be atomic but need not be durable before it returns: a backend with
+    /// group commit (the local store) may acknowledge it first and make it durable with its
+    /// next commit, within about a second, or at [`ObjectStore::sync`]. POSIX asks no more
+    /// of a rename until the directory is fsync'd; S3's copies are durable either way.
+    pub defer_durability: bool,
 }
 
 /// What a backend knows about an object.
@@ -328,6 +333,12 @@ pub trait ObjectStore: Send + Sync + 'static {
         None
     }
 
+    /// Makes every acknowledged change durable, those acknowledged with
+    /// [`CopyOptions::defer_durability`] included (`fsync` of a file or directory).
+    async fn sync(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable in its final place and finishes deferred
     /// work (the local store checkpoints its journal); called at unmount. Acknowledged
     /// writes are durable without it: this only saves the next open a replay.
@@ -349,6 +360,7 @@ pub trait ObjectStore: Send + Sync + 'static {
             sse: sse.clone(),
             source_version_id: Some(version_id.to_string()),
             source_if_match: None,
+            defer_durability: false,
         };
         self.copy(key, key, &opts).await
     }

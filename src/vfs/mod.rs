@@ -1630,9 +1630,19 @@ impl Vfs {
         }
     }
 
+    /// A file's content and attributes durable, and every change the store acknowledged
+    /// before it (renames are durable with the store's next commit otherwise).
     pub async fn fsync(&self, ino: u64) -> FsResult<()> {
         self.commit(ino).await?;
-        self.flush_metadata(ino).await
+        self.flush_metadata(ino).await?;
+        Ok(self.store.sync().await?)
+    }
+
+    /// A directory's attributes durable, and every entry change in it (and anywhere else)
+    /// that the store acknowledged before.
+    pub async fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        self.flush_metadata(ino).await?;
+        Ok(self.store.sync().await?)
     }
 
     pub async fn release(&self, ino: u64, fh: u64) -> FsResult<()> {
@@ -1820,6 +1830,7 @@ impl Vfs {
             // then could pair that envelope with other content. Changed since (by another
             // client), the copy fails and the attributes stay to be stored again.
             source_if_match: (!current.etag.is_empty()).then_some(current.etag),
+            defer_durability: false,
         })
     }
 
@@ -1972,7 +1983,10 @@ impl Vfs {
             };
             if exists {
                 let stored = meta.clone();
-                let opts = self.copy_keeping_envelope(&old_key, meta).await?;
+                let mut opts = self.copy_keeping_envelope(&old_key, meta).await?;
+                // Atomic now, durable with the store's next commit or at an fsync (as on
+                // ext4): rsync renames every file it writes.
+                opts.defer_durability = true;
                 let copied = self
                     .store
                     .rename(&old_key, &new_key, &opts)
@@ -2141,6 +2155,7 @@ impl Vfs {
                 sse: self.cfg.sse.clone(),
                 source_version_id: None,
                 source_if_match: None,
+                defer_durability: false,
             };
             self.store.copy(key, &dst, &opts).await?;
         }

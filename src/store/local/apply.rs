@@ -40,7 +40,10 @@ pub struct Job {
     pub entry: Arc<Entry>,
     /// Dropped when every replica's job is done: until then the segment that holds the
     /// entry is not checkpointed.
-    pub _hold: Arc<SegmentHold>,
+    pub hold: Arc<SegmentHold>,
+    /// A deferred entry: the offset its replica's log must be durable to before the
+    /// layout files are written (see [`super::journal`]).
+    pub durable_at: Option<u64>,
 }
 
 impl Job {
@@ -63,6 +66,8 @@ struct State {
     done: u64,
     worker_started: bool,
     closed: bool,
+    /// Test hook: the worker takes no job while set.
+    paused: bool,
 }
 
 /// One replica's queue of jobs, with its worker's progress.
@@ -119,16 +124,23 @@ impl ApplyQueue {
     pub fn wait_for_work(&self, poll: Duration) -> Wake {
         let mut s = self.state.lock();
         loop {
-            if !s.jobs.is_empty() {
+            if !s.jobs.is_empty() && !s.paused {
                 return Wake::Job;
             }
             if s.closed {
                 return Wake::Closed;
             }
-            if self.changed.wait_for(&mut s, poll).timed_out() && s.jobs.is_empty() {
+            if self.changed.wait_for(&mut s, poll).timed_out() && (s.jobs.is_empty() || s.paused) {
                 return if s.closed { Wake::Closed } else { Wake::Idle };
             }
         }
+    }
+
+    /// Test hook: holds the worker off its jobs (`true`) or lets it go on. A read settles
+    /// by waiting for the jobs, so it waits while they are held.
+    pub fn pause(&self, paused: bool) {
+        self.state.lock().paused = paused;
+        self.changed.notify_all();
     }
 
     /// Waits until every job queued before this call is done.
@@ -188,7 +200,8 @@ mod tests {
                 record: vec![],
                 data: EntryData::Inline(vec![0; len]),
             }),
-            _hold: Arc::new(w.into_hold()),
+            hold: Arc::new(w.into_hold()),
+            durable_at: None,
         }
     }
 

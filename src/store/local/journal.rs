@@ -30,13 +30,29 @@
 //! Entry format, little-endian (docs/DESIGN.md):
 //!
 //! ```text
-//! segment: "CFJRNL02" | u64 generation | zeros to 4 KiB | entry* | (zeros or stale entries)
+//! segment: "CFJRNL03" | u64 generation | zeros to 4 KiB | entry* | (zeros or stale entries)
 //! entry:   u32 length of body | u32 CRC32C of (generation, body) | body
 //! body:    u8 kind | u16 key length | key | u8 id length | id | u32 record length | record | data
 //! kind 1 (inline data): data = u32 length | the whole `.d` file
 //! kind 2 (linked data): data = u16 length | source key | u8 length | source version id
 //! kind 3 (delete marker), kind 4 (cancel: the put of `key`/`id` failed): no data
+//! group:   u8 5 | u16 count | (u32 length | body)*   several bodies under one checksum
 //! ```
+//!
+//! A group is how a deferred rename (its copy and its delete marker) is logged: a torn
+//! append loses both or neither. Version 02 segments (no groups) are still replayed.
+//!
+//! **Deferred writes.** A rename may be acknowledged before its entry is durable
+//! ([`JournalWrite::log_deferred`]), as a rename on ext4 is durable at the next journal
+//! commit rather than when it returns. Three rules keep that safe:
+//! - its layout files are written only once the entry is durable (the layout worker syncs
+//!   first, [`Journal::sync_hold`]), so after a crash the layout never shows half a rename
+//!   that the journal does not hold whole;
+//! - any later acknowledged write makes it durable first: a journaled write's fdatasync
+//!   covers every entry before it in the segment, a segment is synced whole when the next
+//!   one takes over ([`Journal::begin`], the checkpoint), and a write in place waits for the
+//!   layout workers;
+//! - `fsync` of a file or a directory, and unmount, make it durable ([`Journal::sync_all`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -52,7 +68,9 @@ use parking_lot::{Condvar, Mutex};
 
 /// The directory of a replica that holds its journal segments.
 pub const JOURNAL_DIR: &str = "journal";
-const SEGMENT_MAGIC: &[u8; 8] = b"CFJRNL02";
+const SEGMENT_MAGIC: &[u8; 8] = b"CFJRNL03";
+/// The magic of segments written before groups: replayed the same way.
+const SEGMENT_MAGIC_02: &[u8; 8] = b"CFJRNL02";
 /// The header block of a segment: magic and generation, then zeros.
 const SEGMENT_HEADER: usize = 4096;
 /// Size of a segment file, written with zeros at creation. A segment is checkpointed when
@@ -74,6 +92,7 @@ const KIND_INLINE: u8 = 1;
 const KIND_LINK: u8 = 2;
 const KIND_MARKER: u8 = 3;
 const KIND_CANCEL: u8 = 4;
+const KIND_GROUP: u8 = 5;
 
 /// Where a journaled version's data comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +165,39 @@ pub fn encode(key: &str, id: &str, record: &[u8], data: EntryRef<'_>) -> Vec<u8>
     let body_len = (out.len() - 8) as u32;
     out[..4].copy_from_slice(&body_len.to_le_bytes());
     out
+}
+
+/// One entry holding `entries` (as [`encode`] returns them) under one checksum, so that a
+/// torn append keeps all of them or none.
+pub fn encode_group(entries: &[impl AsRef<[u8]>]) -> Vec<u8> {
+    let len: usize = entries.iter().map(|e| e.as_ref().len() - 4).sum();
+    let mut out = Vec::with_capacity(8 + 3 + len);
+    out.extend_from_slice(&[0u8; 8]);
+    out.push(KIND_GROUP);
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for e in entries {
+        let body = &e.as_ref()[8..];
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+    }
+    let body_len = (out.len() - 8) as u32;
+    out[..4].copy_from_slice(&body_len.to_le_bytes());
+    out
+}
+
+/// The entries of one entry body: one, or a group's.
+fn decode_bodies(body: &[u8]) -> Option<Vec<Entry>> {
+    if body.first() != Some(&KIND_GROUP) {
+        return decode_body(body).map(|e| vec![e]);
+    }
+    let mut f = Fields(&body[1..]);
+    let count = f.u16()?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let n = f.u32()?;
+        out.push(decode_body(f.take(n)?)?);
+    }
+    f.0.is_empty().then_some(out)
 }
 
 /// The checksum of an entry in a segment of `generation`: CRC32C of the generation, then the
@@ -230,7 +282,9 @@ fn decode_body(body: &[u8]) -> Option<Entry> {
 /// one left from an earlier use of the file, never acknowledged in this one.
 pub fn decode_segment(bytes: &[u8]) -> (Vec<Entry>, bool) {
     let mut out = Vec::new();
-    if bytes.len() < SEGMENT_HEADER || &bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+    if bytes.len() < SEGMENT_HEADER
+        || (&bytes[..8] != SEGMENT_MAGIC && &bytes[..8] != SEGMENT_MAGIC_02)
+    {
         return (out, !bytes.is_empty());
     }
     let generation = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
@@ -248,8 +302,8 @@ pub fn decode_segment(bytes: &[u8]) -> (Vec<Entry>, bool) {
         if bind_crc(generation, body) != crc {
             break;
         }
-        match decode_body(body) {
-            Some(e) => out.push(e),
+        match decode_bodies(body) {
+            Some(e) => out.extend(e),
             None => break,
         }
         rest = &rest[8 + len..];
@@ -313,6 +367,12 @@ impl Log {
         }
         *end += entry.len() as u64;
         Ok(*end)
+    }
+
+    /// Makes everything appended so far durable.
+    fn sync_all(&self, syncs: &AtomicU64) -> io::Result<()> {
+        let end = *self.end.lock();
+        self.sync_to(end, syncs)
     }
 
     /// Makes the file durable at least up to `upto`. Whoever syncs syncs everything
@@ -400,6 +460,11 @@ impl Segment {
             .ok_or_else(|| io::Error::other(format!("no journal for replica {replica}")))
     }
 
+    /// Makes every log durable up to what was appended so far.
+    fn sync_all(&self, syncs: &AtomicU64) -> io::Result<()> {
+        self.logs.iter().try_for_each(|l| l.sync_all(syncs))
+    }
+
     fn wait_idle(&self) {
         let mut n = self.inflight.lock();
         while *n > 0 {
@@ -431,6 +496,20 @@ impl JournalWrite<'_> {
             end = log.append(entry.as_ref())?;
         }
         log.sync_to(end, &self.journal.syncs)
+    }
+
+    /// Appends `entries` to replica `replica`'s log as one entry (a group when there are
+    /// several: a torn append keeps all or none), without waiting for it to be durable.
+    /// Returns the offset it must be durable to before its layout files are written
+    /// ([`Journal::sync_hold`]); a later durable write covers it (see the module docs).
+    pub fn log_deferred(&self, replica: usize, entries: &[impl AsRef<[u8]>]) -> io::Result<u64> {
+        let log = self.hold.0.log(replica)?;
+        let end = match entries {
+            [one] => log.append(one.as_ref()),
+            _ => log.append(&encode_group(entries)),
+        }?;
+        self.journal.deferred.fetch_add(1, Ordering::AcqRel);
+        Ok(end)
     }
 
     /// Whether this segment should be checkpointed now rather than on its timer.
@@ -494,6 +573,10 @@ pub struct Journal {
     pub held: AtomicBool,
     syncs: AtomicU64,
     checkpoints: AtomicU64,
+    /// Deferred appends so far, and how many of them [`Self::sync_all`] has made durable:
+    /// an fsync with none outstanding costs nothing.
+    deferred: AtomicU64,
+    deferred_synced: AtomicU64,
 }
 
 impl Journal {
@@ -512,6 +595,8 @@ impl Journal {
             held: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            deferred_synced: AtomicU64::new(0),
         }
     }
 
@@ -528,10 +613,13 @@ impl Journal {
     /// (the caller then schedules its checkpoint).
     pub fn begin(&self) -> io::Result<(JournalWrite<'_>, bool)> {
         let mut cur = self.current.lock();
-        if cur.as_ref().is_some_and(|s| !s.has_room()) {
+        if let Some(full) = cur.take_if(|s| !s.has_room()) {
             // Full: it waits for the checkpoint with the others, and writes go on in
-            // another segment meanwhile.
-            self.retry.lock().extend(cur.take());
+            // another segment meanwhile. Its deferred entries are made durable first, while
+            // no write can begin in the next one (a write acknowledged there must not
+            // outlive them in a crash). A failure leaves it broken, for the checkpoint.
+            let _ = full.sync_all(&self.syncs);
+            self.retry.lock().push(full);
         }
         let created = cur.is_none();
         if created {
@@ -552,6 +640,36 @@ impl Journal {
             },
             created,
         ))
+    }
+
+    /// Makes replica `replica`'s log of the held segment durable up to `upto` (a deferred
+    /// entry's end, before its layout files are written).
+    pub fn sync_hold(&self, hold: &SegmentHold, replica: usize, upto: u64) -> io::Result<()> {
+        hold.0.log(replica)?.sync_to(upto, &self.syncs)
+    }
+
+    /// Makes every entry appended so far durable, deferred ones included (`fsync` of a file
+    /// or a directory).
+    pub fn sync_all(&self) -> io::Result<()> {
+        let seen = self.deferred.load(Ordering::Acquire);
+        if self.deferred_synced.load(Ordering::Acquire) >= seen {
+            return Ok(());
+        }
+        // A checkpoint running now has taken segments out of `current` and `retry`: its
+        // syncfs covers them, so wait for it.
+        let _one = self.checkpointing.lock();
+        let segments: Vec<Arc<Segment>> = {
+            let cur = self.current.lock();
+            self.retry
+                .lock()
+                .iter()
+                .cloned()
+                .chain(cur.clone())
+                .collect()
+        };
+        segments.iter().try_for_each(|s| s.sync_all(&self.syncs))?;
+        self.deferred_synced.fetch_max(seen, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Notes that a journaled copy links from `key`'s data (call it after [`Self::begin`],
@@ -673,7 +791,15 @@ impl Journal {
         // writer's `begin`, so its entry is in a segment this checkpoint covers.
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel);
         let mut segments = std::mem::take(&mut *self.retry.lock());
-        segments.extend(self.current.lock().take());
+        {
+            // Deferred entries made durable before a write can begin in the next segment
+            // (as in `begin`).
+            let mut cur = self.current.lock();
+            if let Some(s) = cur.take() {
+                let _ = s.sync_all(&self.syncs);
+                segments.push(s);
+            }
+        }
         *self.since.lock() = None;
         for s in &segments {
             // Every write in the segment has written its layout files: the syncfs below
@@ -970,6 +1096,60 @@ mod tests {
         // Not a segment at all.
         assert_eq!(decode_segment(b"garbage!garbage"), (Vec::new(), true));
         assert_eq!(decode_segment(b""), (Vec::new(), false));
+    }
+
+    /// A deferred rename's copy and delete marker are one group entry: cut anywhere inside
+    /// it, neither is replayed (a rename is atomic even when it was never made durable).
+    #[test]
+    fn a_torn_group_keeps_none_of_its_entries() {
+        let a = encode("a", "1", b"r", EntryRef::Inline(&[b"0123456789"]));
+        let copy = encode("b", "2", b"r", EntryRef::Link { key: "a", id: "1" });
+        let marker = encode("a", "3", b"r", EntryRef::Marker);
+        let group = encode_group(&[copy.clone(), marker.clone()]);
+        let whole = segment_of(4, &[a.clone(), group.clone()]);
+        let (entries, torn) = decode_segment(&whole);
+        assert!(!torn);
+        let keys: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.id.as_str()))
+            .collect();
+        assert_eq!(keys, [("a", "1"), ("b", "2"), ("a", "3")]);
+        assert_eq!(
+            entries[1].data,
+            EntryData::Link {
+                key: "a".into(),
+                id: "1".into()
+            }
+        );
+        assert_eq!(entries[2].data, EntryData::Marker);
+        let start = SEGMENT_HEADER + a.len();
+        for cut in start..start + group.len() {
+            let mut torn = whole[..cut].to_vec();
+            torn.resize(whole.len(), 0);
+            assert_eq!(decode_segment(&torn).0.len(), 1, "cut at {cut}");
+        }
+        // A group whose count does not match its bodies is damage, not a shorter group.
+        let mut short = group.clone();
+        short[9..11].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            decode_segment(&segment_of(4, &[a.clone(), short])).0.len(),
+            1
+        );
+        let mut long = group;
+        long[9..11].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(decode_segment(&segment_of(4, &[a, long])).0.len(), 1);
+    }
+
+    /// Segments from before groups (version 02) are replayed as they were written.
+    #[test]
+    fn version_02_segments_still_replay() {
+        let a = encode("a", "1", b"r", EntryRef::Marker);
+        let mut s = segment_of(3, &[a]);
+        s[..8].copy_from_slice(SEGMENT_MAGIC_02);
+        let (entries, torn) = decode_segment(&s);
+        assert!(!torn);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].key, "a");
     }
 
     #[test]

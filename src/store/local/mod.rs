@@ -251,6 +251,14 @@ impl LocalStore {
             .store(hold, std::sync::atomic::Ordering::Release);
     }
 
+    /// Test hook: while held, the layout files of journaled writes wait unwritten (and so
+    /// does every read, which waits for them).
+    pub fn hold_layout(&self, hold: bool) {
+        for q in &self.inner.apply {
+            q.pause(hold);
+        }
+    }
+
     /// fdatasyncs of the journal and checkpoints so far (for tests and statistics).
     pub fn journal_stats(&self) -> (u64, u64) {
         (self.inner.journal.syncs(), self.inner.journal.checkpoints())
@@ -351,6 +359,7 @@ impl LocalStore {
         let src_id = opts.source_version_id.clone();
         let if_match = opts.source_if_match.clone();
         let (src_sse, dst_sse) = (opts.source_sse.clone(), opts.sse.clone());
+        let deferred = opts.defer_durability;
         blocking(move || {
             // Find a verified record of the source; the data file is shared by a hard link,
             // so a copy moves no data (rename and metadata updates cost one small write).
@@ -388,17 +397,20 @@ impl LocalStore {
             };
             if delete_src {
                 let (marker_v, marker) = inner.marker(&src);
-                inner.write_journaled_all(&[
-                    copy,
-                    JournaledVersion {
-                        key: &src,
-                        v: &marker_v,
-                        record: &marker,
-                        layout: Layout::Marker,
-                    },
-                ])?;
+                inner.write_journaled_with(
+                    &[
+                        copy,
+                        JournaledVersion {
+                            key: &src,
+                            v: &marker_v,
+                            record: &marker,
+                            layout: Layout::Marker,
+                        },
+                    ],
+                    deferred,
+                )?;
             } else {
-                inner.write_journaled_all(&[copy])?;
+                inner.write_journaled_with(&[copy], deferred)?;
             }
             Ok(info_of(&new, &v.id))
         })
@@ -1080,6 +1092,17 @@ impl Inner {
     /// is a prefix: a rename leaves the copy alone, never the delete alone. If any replica
     /// fails, every one of them is cancelled.
     fn write_journaled_all(self: &Arc<Self>, writes: &[JournaledVersion<'_>]) -> StoreResult<()> {
+        self.write_journaled_with(writes, false)
+    }
+
+    /// [`Self::write_journaled_all`], or with `deferred` acknowledged before the entries are
+    /// durable (one atomic entry, see [`journal`]'s deferred writes): the layout workers
+    /// make them durable before writing their files, and any later durable write first.
+    fn write_journaled_with(
+        self: &Arc<Self>,
+        writes: &[JournaledVersion<'_>],
+        deferred: bool,
+    ) -> StoreResult<()> {
         let Some(first) = writes.first() else {
             return Ok(());
         };
@@ -1125,8 +1148,18 @@ impl Inner {
             for write in writes {
                 layout::check_key_dirs(&r.objects, write.key)?;
             }
-            w.log_all(r.index, &entries)
+            if deferred {
+                w.log_deferred(r.index, &entries).map(Some)
+            } else {
+                w.log_all(r.index, &entries).map(|()| None)
+            }
         });
+        let mut durable_at = vec![None; self.replicas.len()];
+        let results: Vec<io::Result<()>> = results
+            .into_iter()
+            .zip(&replicas)
+            .map(|(res, r)| res.map(|end| durable_at[r.index] = end))
+            .collect();
         let errors = failures(results, replicas.iter().map(|r| r.index));
         if !errors.is_empty() {
             for write in writes {
@@ -1162,7 +1195,7 @@ impl Inner {
                 record: write.record.to_vec(),
                 data,
             };
-            self.queue_layout(entry, hold.clone());
+            self.queue_layout(entry, hold.clone(), &durable_at);
         }
         if full {
             self.schedule_checkpoint();
@@ -1202,7 +1235,14 @@ impl Inner {
     }
 
     /// Hands a logged entry's layout files to every online replica's worker.
-    fn queue_layout(self: &Arc<Self>, entry: journal::Entry, hold: Arc<SegmentHold>) {
+    /// `durable_at`: per replica index, where a deferred entry's log must be durable to
+    /// before its files are written.
+    fn queue_layout(
+        self: &Arc<Self>,
+        entry: journal::Entry,
+        hold: Arc<SegmentHold>,
+        durable_at: &[Option<u64>],
+    ) {
         let entry = Arc::new(entry);
         let jobs = self.online().count();
         self.pending
@@ -1222,7 +1262,8 @@ impl Inner {
             let q = &self.apply[r.index];
             let job = Job {
                 entry: entry.clone(),
-                _hold: hold.clone(),
+                hold: hold.clone(),
+                durable_at: durable_at[r.index],
             };
             if q.push(job) {
                 self.start_worker(r.index);
@@ -1272,6 +1313,16 @@ impl Inner {
     fn apply_job(&self, index: usize, job: &Job) {
         let r = &self.replicas[index];
         let e = &job.entry;
+        if let Some(end) = job.durable_at
+            && let Err(err) = self.journal.sync_hold(&job.hold, index, end)
+        {
+            // Written all the same: the caller was told it is done, and the checkpoint's
+            // syncfs makes the layout durable (a crash before it may show half of it).
+            warn!(
+                "{}: replica {index}: making a deferred journal entry durable: {err}",
+                e.key
+            );
+        }
         let v = VersionName {
             id: e.id.clone(),
             deleted: e.data == EntryData::Marker,
@@ -2134,6 +2185,17 @@ impl ObjectStore for LocalStore {
             ("journal_syncs", syncs),
             ("journal_checkpoints", checkpoints),
         ]
+    }
+
+    async fn sync(&self) -> StoreResult<()> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            inner
+                .journal
+                .sync_all()
+                .map_err(|e| StoreError::io("", "making deferred journal entries durable", e))
+        })
+        .await
     }
 
     async fn flush(&self) -> StoreResult<()> {
