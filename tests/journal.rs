@@ -8,6 +8,8 @@
 //! dropped without a checkpoint (as a killed process). The next open must bring every
 //! acknowledged write back from the journal alone.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -424,6 +426,73 @@ async fn a_deferred_rename_is_durable_before_its_layout_and_at_sync() {
     }
 }
 
+/// rsync's pattern: write a temporary file, rename it, next file. The layout worker waits a
+/// little for the next close's fdatasync to cover a deferred rename instead of syncing it
+/// itself: about one fdatasync per replica per file, not two.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_rename_shares_the_next_writes_fdatasync() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, true);
+    LocalStore::init(&cfg).unwrap();
+    let store = LocalStore::open(&cfg).unwrap();
+    store.hold_checkpoints(true);
+    const FILES: usize = 40;
+    let (s0, _) = store.journal_stats();
+    for i in 0..FILES {
+        let tmp = format!(".f{i}.tmp");
+        store
+            .put(&tmp, Bytes::from(body(i, 4096)), &meta(&[]))
+            .await
+            .unwrap();
+        store
+            .rename(&tmp, &format!("f{i}"), &deferred())
+            .await
+            .unwrap();
+    }
+    store.sync().await.unwrap();
+    let syncs = store.journal_stats().0 - s0;
+    eprintln!("{FILES} puts and renames on 2 replicas: {syncs} journal fdatasyncs");
+    // Each put costs one per replica; renames synced apart would double it.
+    assert!(
+        syncs < (FILES * 2 * 3 / 2) as u64,
+        "{syncs} fdatasyncs for {FILES} files on 2 replicas"
+    );
+    for i in 0..FILES {
+        assert_eq!(get(&store, &format!("f{i}")).await.unwrap(), body(i, 4096));
+    }
+}
+
+/// A deferred put (a new directory's marker, a symlink) follows the same rules.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_put_is_durable_at_sync_and_after_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, false);
+    LocalStore::init(&cfg).unwrap();
+    let store = LocalStore::open(&cfg).unwrap();
+    store.hold_checkpoints(true);
+    store.hold_layout(true);
+    let (s0, _) = store.journal_stats();
+    let opts = PutOptions {
+        defer_durability: true,
+        ..meta(&[("kind", "dir")])
+    };
+    store.put("d", Bytes::new(), &opts).await.unwrap();
+    store
+        .put("link", Bytes::from_static(b"target"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(store.journal_stats().0, s0, "no fdatasync at the call");
+    store.sync().await.unwrap();
+    assert_eq!(store.journal_stats().0, s0 + 2, "one per replica at sync");
+    store.hold_layout(false);
+    assert_eq!(get(&store, "link").await.unwrap(), b"target");
+    store.abandon();
+    cut_power(&cfg.replicas);
+    let store = LocalStore::open(&cfg).unwrap();
+    assert_eq!(get(&store, "d").await.unwrap(), b"");
+    assert_eq!(get(&store, "link").await.unwrap(), b"target");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_put_does_not_come_back_from_the_journal() {
     let dir = tempfile::tempdir().unwrap();
@@ -720,4 +789,53 @@ async fn writes_after_an_idle_spell_still_reach_the_layout() {
     })
     .await
     .expect("the checkpoint answers");
+}
+
+/// Through the vfs: a file's rename and a new directory wait for no fdatasync, and `fsync`
+/// of a directory (as `fsync` of a file) makes them durable before it returns (it answered
+/// at once before, when every change was durable at its call).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_vfs_defers_renames_and_new_directories_until_an_fsync() {
+    const ROOT: u64 = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, true);
+    LocalStore::init(&cfg).unwrap();
+    let store = Arc::new(LocalStore::open(&cfg).unwrap());
+    store.hold_checkpoints(true);
+    let v = common::test_vfs(store.clone(), staging.path(), "", 16, 1);
+    for name in ["f", "g"] {
+        let (e, fh) = v.create(ROOT, name, 0o644, 0, 0).await.unwrap();
+        v.write(e.ino, 0, name.as_bytes()).await.unwrap();
+        v.release(e.ino, fh).await.unwrap();
+    }
+    // Settled (a read waits for the layout workers), then held.
+    assert!(get(&store, "none").await.is_err());
+    store.hold_layout(true);
+    let (s0, _) = store.journal_stats();
+    v.rename(ROOT, "f", ROOT, "f2", false).await.unwrap();
+    let d = v.mkdir(ROOT, "d", 0o755, 0, 0).await.unwrap();
+    assert_eq!(store.journal_stats().0, s0, "no fdatasync at the calls");
+    v.fsyncdir(d.ino).await.unwrap();
+    assert_eq!(store.journal_stats().0, s0 + 1, "one at fsyncdir");
+    v.fsyncdir(ROOT).await.unwrap();
+    assert_eq!(store.journal_stats().0, s0 + 1, "none left for the next");
+    store.hold_layout(false);
+    assert!(get(&store, "none").await.is_err());
+    store.hold_layout(true);
+    let g = v.lookup(ROOT, "g").await.unwrap();
+    v.rename(ROOT, "g", ROOT, "g2", false).await.unwrap();
+    assert_eq!(store.journal_stats().0, s0 + 1);
+    v.fsync(g.ino).await.unwrap();
+    assert_eq!(store.journal_stats().0, s0 + 2, "and one at a file's fsync");
+    store.hold_layout(false);
+    let names: Vec<String> = v
+        .readdir(ROOT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, n, _)| n)
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(names, ["d", "f2", "g2"]);
 }

@@ -274,6 +274,7 @@ impl ObjectStore for MemoryStore {
             metadata: opts.metadata.clone().unwrap_or(v.metadata.clone()),
             sse: opts.sse.clone(),
             checksum: None,
+            defer_durability: false,
         };
         self.insert(dst, v.body.unwrap_or_default(), &put)
     }

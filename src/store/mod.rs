@@ -96,6 +96,10 @@ pub struct PutOptions {
     pub sse: Sse,
     /// Checksum of the whole body (single put) that the backend must verify.
     pub checksum: Option<Checksum>,
+    /// The put need not be durable before it returns, as [`CopyOptions::defer_durability`]
+    /// (a new directory's marker or a symlink: ext4 makes those durable at its next
+    /// commit, or at an fsync of the directory).
+    pub defer_durability: bool,
 }
 
 /// Options of a get or head.

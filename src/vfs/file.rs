@@ -39,7 +39,8 @@ pub struct FileCtx<'a> {
 enum Content {
     /// The content is the committed object.
     Clean,
-    Streaming(StreamingWriter),
+    // Boxed: the writer is large next to the other variants.
+    Streaming(Box<StreamingWriter>),
     Staged(Staged),
 }
 
@@ -422,10 +423,11 @@ impl FileData {
                 metadata,
                 sse: ctx.sse.clone(),
                 checksum: None,
+                defer_durability: false,
             };
             let w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher)
                 .with_budget(ctx.budget.clone());
-            self.content = Content::Streaming(w);
+            self.content = Content::Streaming(Box::new(w));
             if let Content::Streaming(w) = &mut self.content {
                 return w.append(data).await.map_err(FsError::from);
             }
@@ -593,6 +595,7 @@ impl FileData {
             metadata: meta,
             sse: ctx.sse.clone(),
             checksum: None,
+            defer_durability: false,
         };
         let mut w = StreamingWriter::new(ctx.store.clone(), key, opts, cipher)
             .with_budget(ctx.budget.clone());

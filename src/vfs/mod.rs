@@ -453,15 +453,19 @@ impl Vfs {
     }
 
     /// Stores a directory's marker object (empty, with the directory's attributes).
+    /// Stores a directory's marker; `deferred`: durable with the store's next commit or at
+    /// an fsync rather than before it returns (a new directory, as on ext4).
     async fn put_dir_marker(
         &self,
         key: &str,
         metadata: Metadata,
+        deferred: bool,
     ) -> Result<crate::store::ObjectInfo, StoreError> {
         let opts = PutOptions {
             metadata,
             sse: self.cfg.sse.clone(),
             checksum: None,
+            defer_durability: deferred,
         };
         self.store.put(key, bytes::Bytes::new(), &opts).await
     }
@@ -943,6 +947,7 @@ impl Vfs {
                 .unwrap_or_default(),
             sse: self.cfg.sse.clone(),
             checksum: None,
+            defer_durability: false,
         };
         // A refused or failed put is not retried until the directory changes again (a
         // policy that refuses unencrypted writes refuses this one every time).
@@ -1152,7 +1157,7 @@ impl Vfs {
         let key = self.dir_prefix(&path);
         let mut meta = Metadata::new();
         attr.to_metadata(&mut meta);
-        if let Err(e) = self.put_dir_marker(&key, meta).await {
+        if let Err(e) = self.put_dir_marker(&key, meta, true).await {
             self.unreserve(parent, name, ino);
             return Err(e.into());
         }
@@ -1209,6 +1214,8 @@ impl Vfs {
             attr.to_metadata(&mut meta);
             let opts = PutOptions {
                 checksum: Some(crate::store::Checksum::crc32c_of(&body)),
+                // Durable with the next commit or at an fsync, as on ext4.
+                defer_durability: true,
                 metadata: meta,
                 sse: self.cfg.sse.clone(),
             };
@@ -1733,7 +1740,7 @@ impl Vfs {
         };
         let written = meta.clone();
         let result = match kind {
-            Kind::Dir => self.put_dir_marker(&key, meta).await.map(|_| ()),
+            Kind::Dir => self.put_dir_marker(&key, meta, false).await.map(|_| ()),
             _ => {
                 // The file stays locked until the copy is stored: the copy takes the
                 // envelope of the version it read, and a commit of new content between that
@@ -2144,7 +2151,7 @@ impl Vfs {
         if !keys.contains(&old_prefix) {
             // An implicit directory: give the new one a marker with its attributes.
             let meta = Self::metadata_of(self.table.lock().get(ino)?);
-            self.put_dir_marker(&new_prefix, meta).await?;
+            self.put_dir_marker(&new_prefix, meta, false).await?;
         }
         keys.sort();
         for key in &keys {

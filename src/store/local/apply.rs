@@ -68,6 +68,8 @@ struct State {
     closed: bool,
     /// Test hook: the worker takes no job while set.
     paused: bool,
+    /// Callers in [`ApplyQueue::settle`] or waiting for room in [`ApplyQueue::push`].
+    waiting: usize,
 }
 
 /// One replica's queue of jobs, with its worker's progress.
@@ -87,7 +89,9 @@ impl ApplyQueue {
             && !s.jobs.is_empty()
             && (s.jobs.len() >= MAX_JOBS || s.bytes + n > MAX_BYTES)
         {
+            s.waiting += 1;
             self.changed.wait(&mut s);
+            s.waiting -= 1;
         }
         s.jobs.push_back(job);
         s.bytes += n;
@@ -148,8 +152,17 @@ impl ApplyQueue {
         let mut s = self.state.lock();
         let target = s.pushed;
         while s.done < target {
+            s.waiting += 1;
             self.changed.wait(&mut s);
+            s.waiting -= 1;
         }
+    }
+
+    /// Whether someone waits for the worker (to settle, or for room): it should not wait
+    /// for anything else meanwhile.
+    pub fn waited_on(&self) -> bool {
+        let s = self.state.lock();
+        s.waiting > 0 || s.closed
     }
 
     /// Jobs and bytes queued and not yet done.

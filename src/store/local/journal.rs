@@ -42,12 +42,13 @@
 //! A group is how a deferred rename (its copy and its delete marker) is logged: a torn
 //! append loses both or neither. Version 02 segments (no groups) are still replayed.
 //!
-//! **Deferred writes.** A rename may be acknowledged before its entry is durable
-//! ([`JournalWrite::log_deferred`]), as a rename on ext4 is durable at the next journal
-//! commit rather than when it returns. Three rules keep that safe:
-//! - its layout files are written only once the entry is durable (the layout worker syncs
-//!   first, [`Journal::sync_hold`]), so after a crash the layout never shows half a rename
-//!   that the journal does not hold whole;
+//! **Deferred writes.** A rename, a new directory or a symlink may be acknowledged before
+//! its entry is durable ([`JournalWrite::log_deferred`]), as on ext4 they are durable at
+//! the next journal commit rather than when they return. Three rules keep that safe:
+//! - its layout files are written only once the entry is durable (the layout worker waits
+//!   briefly for another write's fdatasync to cover it, then syncs itself:
+//!   [`Journal::sync_hold`]), so after a crash the layout never shows half a rename that
+//!   the journal does not hold whole;
 //! - any later acknowledged write makes it durable first: a journaled write's fdatasync
 //!   covers every entry before it in the segment, a segment is synced whole when the next
 //!   one takes over ([`Journal::begin`], the checkpoint), and a write in place waits for the
@@ -322,6 +323,8 @@ struct Log {
     end: Mutex<u64>,
     /// Bytes known durable.
     synced: Mutex<u64>,
+    /// Notified after every fdatasync (a layout worker waits on it for a deferred entry).
+    synced_cv: Condvar,
     /// Set when an append or a sync failed: what the file holds is then unknown, and
     /// every later write through this segment fails until a checkpoint starts a new one.
     broken: AtomicBool,
@@ -394,7 +397,25 @@ impl Log {
         }
         syncs.fetch_add(1, Ordering::Relaxed);
         *synced = target;
+        self.synced_cv.notify_all();
         Ok(())
+    }
+
+    /// Waits up to `patience` for another writer's fdatasync to make the file durable up to
+    /// `upto`, giving up at once when `hurry` says someone waits on the caller. True when
+    /// it is durable.
+    fn wait_synced(&self, upto: u64, patience: Duration, hurry: &dyn Fn() -> bool) -> bool {
+        let deadline = Instant::now() + patience;
+        let mut synced = self.synced.lock();
+        while *synced < upto {
+            if self.broken.load(Ordering::Acquire) || hurry() || Instant::now() >= deadline {
+                return false;
+            }
+            // Short slices, so that `hurry` is asked again soon.
+            self.synced_cv
+                .wait_for(&mut synced, Duration::from_millis(1));
+        }
+        true
     }
 }
 
@@ -426,6 +447,7 @@ impl Segment {
                 generation,
                 end: Mutex::new(SEGMENT_HEADER as u64),
                 synced: Mutex::new(SEGMENT_HEADER as u64),
+                synced_cv: Condvar::new(),
                 broken: AtomicBool::new(false),
                 ..l
             });
@@ -643,9 +665,22 @@ impl Journal {
     }
 
     /// Makes replica `replica`'s log of the held segment durable up to `upto` (a deferred
-    /// entry's end, before its layout files are written).
-    pub fn sync_hold(&self, hold: &SegmentHold, replica: usize, upto: u64) -> io::Result<()> {
-        hold.0.log(replica)?.sync_to(upto, &self.syncs)
+    /// entry's end, before its layout files are written). It first waits up to `patience`
+    /// for a writer's fdatasync to cover it (the next small file's close, in a copy), unless
+    /// `hurry`: one fdatasync then serves both.
+    pub fn sync_hold(
+        &self,
+        hold: &SegmentHold,
+        replica: usize,
+        upto: u64,
+        patience: Duration,
+        hurry: &dyn Fn() -> bool,
+    ) -> io::Result<()> {
+        let log = hold.0.log(replica)?;
+        if log.wait_synced(upto, patience, hurry) {
+            return Ok(());
+        }
+        log.sync_to(upto, &self.syncs)
     }
 
     /// Makes every entry appended so far durable, deferred ones included (`fsync` of a file
@@ -752,6 +787,7 @@ impl Journal {
                 generation,
                 end: Mutex::new(SEGMENT_HEADER as u64),
                 synced: Mutex::new(SEGMENT_HEADER as u64),
+                synced_cv: Condvar::new(),
                 broken: AtomicBool::new(false),
             });
         }

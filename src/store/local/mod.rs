@@ -135,11 +135,17 @@ struct FailedApply {
 /// Stripes of [`Inner::key_locks`].
 const KEY_LOCK_STRIPES: usize = 64;
 
+/// How long a layout worker waits for another write's fdatasync to make a deferred entry
+/// (a file's rename) durable before it syncs the journal itself. In a copy of many small
+/// files the next close comes within a millisecond, and its fdatasync then serves both
+/// (measured: the worker syncing at once took that close's turn and left it waiting).
+const DEFERRED_PATIENCE: Duration = Duration::from_millis(10);
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // The workers cannot run without the store: what they had left is written here.
         for (i, q) in self.apply.iter().enumerate() {
-            q.drain(&mut |job| self.apply_job(i, &job));
+            q.drain(&mut |job| self.apply_job(i, &job, false));
             q.close();
         }
         // The queues are empty now: the close's settle returns at once.
@@ -347,6 +353,7 @@ impl LocalStore {
             metadata: opts.metadata.clone().unwrap_or_default(),
             sse: opts.sse.clone(),
             checksum: None,
+            defer_durability: false,
         };
         if opts.metadata.is_some() {
             self.inner.validate_put(dst, &put)?;
@@ -704,13 +711,15 @@ impl Inner {
     }
 
     /// A whole put of a small body through the journal: one shared fdatasync per replica
-    /// instead of the data, record and directory fsyncs of [`Self::commit`].
+    /// instead of the data, record and directory fsyncs of [`Self::commit`]; `deferred`,
+    /// acknowledged before it (see [`Self::write_journaled_with`]).
     fn put_journaled(
         self: &Arc<Self>,
         key: &str,
         body: &[u8],
         metadata: Metadata,
         sse_req: &Sse,
+        deferred: bool,
     ) -> StoreResult<ObjectInfo> {
         let sse = sse::for_put(key, sse_req, self.store_key())?;
         let encrypted;
@@ -736,7 +745,13 @@ impl Inner {
             stored,
             table: &table,
         };
-        self.write_journaled(key, &v, &record::encode_meta(&rec), layout)?;
+        let write = JournaledVersion {
+            key,
+            v: &v,
+            record: &record::encode_meta(&rec),
+            layout,
+        };
+        self.write_journaled_with(&[write], deferred)?;
         Ok(info_of(&rec, &id))
     }
 
@@ -1291,7 +1306,7 @@ impl Inner {
                     let Some(inner) = weak.upgrade() else { return };
                     let Some(job) = q.try_pop() else { continue };
                     let n = job.bytes();
-                    inner.apply_job(index, &job);
+                    inner.apply_job(index, &job, true);
                     // The store first, then the hold: a checkpoint or settle that returns
                     // has this thread off the store, so that dropping its last handle then
                     // closes it at once, on the dropping thread.
@@ -1303,18 +1318,29 @@ impl Inner {
         if let Err(e) = spawned {
             warn!("local store: starting the layout writer of replica {index}: {e}");
             let q = &self.apply[index];
-            q.drain(&mut |job| self.apply_job(index, &job));
+            q.drain(&mut |job| self.apply_job(index, &job, false));
             q.worker_failed_to_start();
         }
     }
 
     /// Writes one queued entry's layout files on replica `index`. A failure is logged and
     /// kept for the checkpoints to retry: the write is durable in the journal already.
-    fn apply_job(&self, index: usize, job: &Job) {
+    fn apply_job(&self, index: usize, job: &Job, patient: bool) {
         let r = &self.replicas[index];
         let e = &job.entry;
+        // On the worker, a deferred entry first waits a little for the next write's
+        // fdatasync to cover it, unless someone waits on the worker; the drop's drain does
+        // not wait.
+        let patience = if patient {
+            DEFERRED_PATIENCE
+        } else {
+            Duration::ZERO
+        };
+        let q = &self.apply[index];
         if let Some(end) = job.durable_at
-            && let Err(err) = self.journal.sync_hold(&job.hold, index, end)
+            && let Err(err) = self
+                .journal
+                .sync_hold(&job.hold, index, end, patience, &|| q.waited_on())
         {
             // Written all the same: the caller was told it is done, and the checkpoint's
             // syncfs makes the layout durable (a crash before it may show half of it).
@@ -2237,9 +2263,10 @@ impl ObjectStore for LocalStore {
         let key = key.to_string();
         let metadata = opts.metadata.clone();
         let sse_req = opts.sse.clone();
+        let deferred = opts.defer_durability;
         blocking(move || {
             if body.len() <= journal::MAX_INLINE {
-                return inner.put_journaled(&key, &body, metadata, &sse_req);
+                return inner.put_journaled(&key, &body, metadata, &sse_req, deferred);
             }
             let mut w = inner.begin(&key, metadata, &sse_req)?;
             if let Err(e) = inner.write(&mut w, &body) {
