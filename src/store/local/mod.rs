@@ -2007,20 +2007,30 @@ struct ListingBatch<T, R> {
 }
 
 impl<T, R> ListingBatch<T, R> {
-    /// Takes and runs entries until none is left.
+    /// Takes and runs entries until none is left, then hands in their results at once (a
+    /// lock per entry made sixteen threads queue on it).
     fn run(&self, f: &(impl Fn(&T) -> R + ?Sized)) {
+        let mut done = Vec::new();
         loop {
             let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(item) = self.items.get(i) else {
-                return;
+                break;
             };
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item)));
-            let mut results = self.results.lock();
+            done.push((
+                i,
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item))),
+            ));
+        }
+        if done.is_empty() {
+            return;
+        }
+        let mut results = self.results.lock();
+        results.1 += done.len();
+        for (i, r) in done {
             results.0[i] = Some(r);
-            results.1 += 1;
-            if results.1 == self.items.len() {
-                self.all_done.notify_all();
-            }
+        }
+        if results.1 == self.items.len() {
+            self.all_done.notify_all();
         }
     }
 }
