@@ -29,6 +29,25 @@ fn config(dir: &Path, n: usize, versioning: bool) -> LocalStoreConfig {
     }
 }
 
+/// A new store of `n` replicas in a temporary directory (removed when the guard drops).
+fn fresh(n: usize, versioning: bool) -> (tempfile::TempDir, LocalStoreConfig, LocalStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), n, versioning);
+    LocalStore::init(&cfg).unwrap();
+    let store = LocalStore::open(&cfg).unwrap();
+    (dir, cfg, store)
+}
+
+/// Puts `data` under `key`, with no metadata.
+async fn put(store: &LocalStore, key: &str, data: Vec<u8>) {
+    store.put(key, Bytes::from(data), &meta(&[])).await.unwrap();
+}
+
+/// Journal fdatasyncs of `store` so far.
+fn syncs(store: &LocalStore) -> u64 {
+    store.journal_stats().0
+}
+
 fn body(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
 }
@@ -206,10 +225,7 @@ async fn check(store: &LocalStore, model: &Model) {
 }
 
 async fn survives_a_power_cut(n: usize, versioning: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), n, versioning);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, cfg, store) = fresh(n, versioning);
     store.hold_checkpoints(true);
     let model = workload(&store).await;
     check(&store, &model).await;
@@ -259,10 +275,7 @@ async fn acknowledged_writes_survive_a_power_cut_on_three_replicas_without_versi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_replica_journal_is_covered_by_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, true);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, cfg, store) = fresh(2, true);
     store.hold_checkpoints(true);
     let model = workload(&store).await;
     store.abandon();
@@ -285,17 +298,11 @@ async fn a_lost_replica_journal_is_covered_by_the_others() {
 /// file it writes, and this was the second of three flushes per file.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rename_costs_one_journal_fdatasync_per_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, false);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, _, store) = fresh(2, false);
     store.hold_checkpoints(true);
     for i in 0..20 {
         let tmp = format!(".f{i}.tmp");
-        store
-            .put(&tmp, Bytes::from(body(i, 4096)), &meta(&[]))
-            .await
-            .unwrap();
+        put(&store, &tmp, body(i, 4096)).await;
         let (before, _) = store.journal_stats();
         store
             .rename(&tmp, &format!("f{i}"), &CopyOptions::default())
@@ -330,80 +337,57 @@ fn deferred() -> CopyOptions {
 /// the layout files, and to `sync` (fsync), which makes it durable before it returns.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deferred_rename_is_durable_before_its_layout_and_at_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, true);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, cfg, store) = fresh(2, true);
     store.hold_checkpoints(true);
-    store
-        .put(".a.tmp", Bytes::from(body(1, 4096)), &meta(&[]))
-        .await
-        .unwrap();
-    store
-        .put(".b.tmp", Bytes::from(body(2, 4096)), &meta(&[]))
-        .await
-        .unwrap();
+    put(&store, ".a.tmp", body(1, 4096)).await;
+    put(&store, ".b.tmp", body(2, 4096)).await;
     // Settled: the puts' layout files are written.
     assert_eq!(get(&store, ".a.tmp").await.unwrap(), body(1, 4096));
 
     // At the call: no fdatasync.
     store.hold_layout(true);
-    let (s0, _) = store.journal_stats();
+    let s0 = syncs(&store);
     store.rename(".a.tmp", "a", &deferred()).await.unwrap();
-    let (s1, _) = store.journal_stats();
+    let s1 = syncs(&store);
     assert_eq!(s1, s0, "a deferred rename waits for no fdatasync");
     // sync makes it durable on both replicas, once.
     store.sync().await.unwrap();
-    let (s2, _) = store.journal_stats();
+    let s2 = syncs(&store);
     assert_eq!(s2, s1 + 2, "sync: one fdatasync per replica");
     store.sync().await.unwrap();
-    assert_eq!(
-        store.journal_stats().0,
-        s2,
-        "nothing left for a second sync"
-    );
+    assert_eq!(syncs(&store), s2, "nothing left for a second sync");
     // Already durable: its layout files cost no more.
     store.hold_layout(false);
     assert_eq!(get(&store, "a").await.unwrap(), body(1, 4096));
-    assert_eq!(store.journal_stats().0, s2);
+    assert_eq!(syncs(&store), s2);
 
     // Without a sync, the layout worker makes it durable before writing the layout.
     store.hold_layout(true);
     store.rename(".b.tmp", "b", &deferred()).await.unwrap();
-    let (s3, _) = store.journal_stats();
+    let s3 = syncs(&store);
     assert_eq!(s3, s2);
     store.hold_layout(false);
     assert_eq!(get(&store, "b").await.unwrap(), body(2, 4096));
     assert_eq!(
-        store.journal_stats().0,
+        syncs(&store),
         s3 + 2,
         "each replica's worker synced its log before the layout"
     );
     store.sync().await.unwrap();
-    assert_eq!(store.journal_stats().0, s3 + 2, "and sync finds it durable");
+    assert_eq!(syncs(&store), s3 + 2, "and sync finds it durable");
 
     // A later durable write covers an earlier deferred one: its fdatasync syncs the log
     // up to its own entry, so the sync after it costs nothing.
-    store
-        .put(".c.tmp", Bytes::from(body(3, 4096)), &meta(&[]))
-        .await
-        .unwrap();
+    put(&store, ".c.tmp", body(3, 4096)).await;
     assert_eq!(get(&store, ".c.tmp").await.unwrap(), body(3, 4096));
     store.hold_layout(true);
     store.rename(".c.tmp", "c", &deferred()).await.unwrap();
-    let (s4, _) = store.journal_stats();
-    store
-        .put("d", Bytes::from(body(4, 100)), &meta(&[]))
-        .await
-        .unwrap();
-    let (s5, _) = store.journal_stats();
+    let s4 = syncs(&store);
+    put(&store, "d", body(4, 100)).await;
+    let s5 = syncs(&store);
     assert_eq!(s5, s4 + 2, "the put's own fdatasyncs");
     store.sync().await.unwrap();
-    assert_eq!(
-        store.journal_stats().0,
-        s5,
-        "the put's fdatasync covered the rename"
-    );
+    assert_eq!(syncs(&store), s5, "the put's fdatasync covered the rename");
     store.hold_layout(false);
 
     // And all of it comes back from the journal alone after a power cut.
@@ -431,26 +415,20 @@ async fn a_deferred_rename_is_durable_before_its_layout_and_at_sync() {
 /// itself: about one fdatasync per replica per file, not two.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deferred_rename_shares_the_next_writes_fdatasync() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, true);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, _, store) = fresh(2, true);
     store.hold_checkpoints(true);
     const FILES: usize = 40;
-    let (s0, _) = store.journal_stats();
+    let s0 = syncs(&store);
     for i in 0..FILES {
         let tmp = format!(".f{i}.tmp");
-        store
-            .put(&tmp, Bytes::from(body(i, 4096)), &meta(&[]))
-            .await
-            .unwrap();
+        put(&store, &tmp, body(i, 4096)).await;
         store
             .rename(&tmp, &format!("f{i}"), &deferred())
             .await
             .unwrap();
     }
     store.sync().await.unwrap();
-    let syncs = store.journal_stats().0 - s0;
+    let syncs = syncs(&store) - s0;
     eprintln!("{FILES} puts and renames on 2 replicas: {syncs} journal fdatasyncs");
     // Each put costs one per replica; renames synced apart would double it.
     assert!(
@@ -465,13 +443,10 @@ async fn a_deferred_rename_shares_the_next_writes_fdatasync() {
 /// A deferred put (a new directory's marker, a symlink) follows the same rules.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deferred_put_is_durable_at_sync_and_after_a_power_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, false);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, cfg, store) = fresh(2, false);
     store.hold_checkpoints(true);
     store.hold_layout(true);
-    let (s0, _) = store.journal_stats();
+    let s0 = syncs(&store);
     let opts = PutOptions {
         defer_durability: true,
         ..meta(&[("kind", "dir")])
@@ -481,9 +456,9 @@ async fn a_deferred_put_is_durable_at_sync_and_after_a_power_cut() {
         .put("link", Bytes::from_static(b"target"), &opts)
         .await
         .unwrap();
-    assert_eq!(store.journal_stats().0, s0, "no fdatasync at the call");
+    assert_eq!(syncs(&store), s0, "no fdatasync at the call");
     store.sync().await.unwrap();
-    assert_eq!(store.journal_stats().0, s0 + 2, "one per replica at sync");
+    assert_eq!(syncs(&store), s0 + 2, "one per replica at sync");
     store.hold_layout(false);
     assert_eq!(get(&store, "link").await.unwrap(), b"target");
     store.abandon();
@@ -495,10 +470,7 @@ async fn a_deferred_put_is_durable_at_sync_and_after_a_power_cut() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_put_does_not_come_back_from_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, true);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, cfg, store) = fresh(2, true);
     store.hold_checkpoints(true);
     store
         .put("k", Bytes::from_static(b"old"), &PutOptions::default())
@@ -592,10 +564,7 @@ async fn small_files_share_fdatasyncs_and_checkpoints_leave_no_journal() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_background_checkpoint_runs_by_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 1, true);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, cfg, store) = fresh(1, true);
     store
         .put("a", Bytes::from_static(b"x"), &PutOptions::default())
         .await
@@ -767,10 +736,7 @@ async fn layout_files_that_fail_to_write_after_the_acknowledgement_are_retried_n
 /// end): a write after one is still written, and a read of it answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_after_an_idle_spell_still_reach_the_layout() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2, false);
-    LocalStore::init(&cfg).unwrap();
-    let store = LocalStore::open(&cfg).unwrap();
+    let (_dir, _, store) = fresh(2, false);
     for i in 0..2 {
         let key = format!("idle/f{i}");
         store
@@ -812,22 +778,22 @@ async fn the_vfs_defers_renames_and_new_directories_until_an_fsync() {
     // Settled (a read waits for the layout workers), then held.
     assert!(get(&store, "none").await.is_err());
     store.hold_layout(true);
-    let (s0, _) = store.journal_stats();
+    let s0 = syncs(&store);
     v.rename(ROOT, "f", ROOT, "f2", false).await.unwrap();
     let d = v.mkdir(ROOT, "d", 0o755, 0, 0).await.unwrap();
-    assert_eq!(store.journal_stats().0, s0, "no fdatasync at the calls");
+    assert_eq!(syncs(&store), s0, "no fdatasync at the calls");
     v.fsyncdir(d.ino).await.unwrap();
-    assert_eq!(store.journal_stats().0, s0 + 1, "one at fsyncdir");
+    assert_eq!(syncs(&store), s0 + 1, "one at fsyncdir");
     v.fsyncdir(ROOT).await.unwrap();
-    assert_eq!(store.journal_stats().0, s0 + 1, "none left for the next");
+    assert_eq!(syncs(&store), s0 + 1, "none left for the next");
     store.hold_layout(false);
     assert!(get(&store, "none").await.is_err());
     store.hold_layout(true);
     let g = v.lookup(ROOT, "g").await.unwrap();
     v.rename(ROOT, "g", ROOT, "g2", false).await.unwrap();
-    assert_eq!(store.journal_stats().0, s0 + 1);
+    assert_eq!(syncs(&store), s0 + 1);
     v.fsync(g.ino).await.unwrap();
-    assert_eq!(store.journal_stats().0, s0 + 2, "and one at a file's fsync");
+    assert_eq!(syncs(&store), s0 + 2, "and one at a file's fsync");
     store.hold_layout(false);
     let names: Vec<String> = v
         .readdir(ROOT)
