@@ -452,8 +452,8 @@ impl Vfs {
         Ok(())
     }
 
-    /// Stores a directory's marker object (empty, with the directory's attributes).
-    /// Stores a directory's marker; `deferred`: durable with the store's next commit or at
+    /// Stores a directory's marker object (empty, with the directory's attributes);
+    /// `deferred`: durable with the store's next commit or at
     /// an fsync rather than before it returns (a new directory, as on ext4).
     async fn put_dir_marker(
         &self,

@@ -331,6 +331,20 @@ struct Log {
 }
 
 impl Log {
+    /// The log of `file`, empty under `generation` (whose header the file holds).
+    fn new(replica: usize, path: PathBuf, file: File, generation: u64) -> Log {
+        Log {
+            replica,
+            path,
+            file,
+            generation,
+            end: Mutex::new(SEGMENT_HEADER as u64),
+            synced: Mutex::new(SEGMENT_HEADER as u64),
+            synced_cv: Condvar::new(),
+            broken: AtomicBool::new(false),
+        }
+    }
+
     fn broken_error(&self) -> io::Error {
         io::Error::other(format!(
             "journal {} failed earlier; writes resume after the next checkpoint",
@@ -443,14 +457,7 @@ impl Segment {
             {
                 failed = true;
             }
-            logs.push(Log {
-                generation,
-                end: Mutex::new(SEGMENT_HEADER as u64),
-                synced: Mutex::new(SEGMENT_HEADER as u64),
-                synced_cv: Condvar::new(),
-                broken: AtomicBool::new(false),
-                ..l
-            });
+            logs.push(Log::new(l.replica, l.path, l.file, generation));
         }
         let s = Segment {
             logs,
@@ -635,12 +642,9 @@ impl Journal {
     /// (the caller then schedules its checkpoint).
     pub fn begin(&self) -> io::Result<(JournalWrite<'_>, bool)> {
         let mut cur = self.current.lock();
-        if let Some(full) = cur.take_if(|s| !s.has_room()) {
-            // Full: it waits for the checkpoint with the others, and writes go on in
-            // another segment meanwhile. Its deferred entries are made durable first, while
-            // no write can begin in the next one (a write acknowledged there must not
-            // outlive them in a crash). A failure leaves it broken, for the checkpoint.
-            let _ = full.sync_all(&self.syncs);
+        // Full: it waits for the checkpoint with the others, and writes go on in another
+        // segment meanwhile.
+        if let Some(full) = self.retire_current(&mut cur, |s| !s.has_room()) {
             self.retry.lock().push(full);
         }
         let created = cur.is_none();
@@ -662,6 +666,20 @@ impl Journal {
             },
             created,
         ))
+    }
+
+    /// Takes the current segment (`cur`, locked) out of use if `retire` says so. Its
+    /// deferred entries are made durable first, while the lock keeps any write from
+    /// beginning in the next segment: a write acknowledged there must not outlive them in a
+    /// crash. A failure leaves the segment broken, for the checkpoint.
+    fn retire_current(
+        &self,
+        cur: &mut Option<Arc<Segment>>,
+        retire: impl FnOnce(&Arc<Segment>) -> bool,
+    ) -> Option<Arc<Segment>> {
+        let s = cur.take_if(|s| retire(s))?;
+        let _ = s.sync_all(&self.syncs);
+        Some(s)
     }
 
     /// Makes replica `replica`'s log of the held segment durable up to `upto` (a deferred
@@ -780,16 +798,7 @@ impl Journal {
             file.sync_all()?;
             // The segment's name must be durable before any entry in it counts.
             super::durable::sync_dir(&dir)?;
-            logs.push(Log {
-                replica: *index,
-                path,
-                file,
-                generation,
-                end: Mutex::new(SEGMENT_HEADER as u64),
-                synced: Mutex::new(SEGMENT_HEADER as u64),
-                synced_cv: Condvar::new(),
-                broken: AtomicBool::new(false),
-            });
+            logs.push(Log::new(*index, path, file, generation));
         }
         Ok(Segment {
             logs,
@@ -827,15 +836,7 @@ impl Journal {
         // writer's `begin`, so its entry is in a segment this checkpoint covers.
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel);
         let mut segments = std::mem::take(&mut *self.retry.lock());
-        {
-            // Deferred entries made durable before a write can begin in the next segment
-            // (as in `begin`).
-            let mut cur = self.current.lock();
-            if let Some(s) = cur.take() {
-                let _ = s.sync_all(&self.syncs);
-                segments.push(s);
-            }
-        }
+        segments.extend(self.retire_current(&mut self.current.lock(), |_| true));
         *self.since.lock() = None;
         for s in &segments {
             // Every write in the segment has written its layout files: the syncfs below
