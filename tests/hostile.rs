@@ -115,6 +115,8 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
     let m = s.mount();
     fs::write(m.p("good"), vec![7u8; 100_000]).unwrap();
     fs::write(m.p("other"), vec![9u8; 100_000]).unwrap();
+    // Small enough that its data is embedded in its record's file.
+    fs::write(m.p("tiny"), b"a small file").unwrap();
     symlink(outside.join("secret"), m.p("abs-link")).unwrap();
     symlink("../../../../../../etc/passwd", m.p("up-link")).unwrap();
     m.unmount();
@@ -174,6 +176,29 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         copy_tree(&good, &outside.join("planted"));
         symlink(&outside, objects.join("escape")).unwrap();
         symlink(outside.join("planted"), objects.join("escape-obj")).unwrap();
+        // A small version's record file cut inside its embedded data, and one whose data
+        // was changed after the record.
+        let tiny = objects.join("tiny");
+        assert_eq!(
+            fs::read_dir(tiny.join("%v")).unwrap().count(),
+            1,
+            "no data file beside the record"
+        );
+        copy_tree(&tiny, &objects.join("tiny-truncated"));
+        let m_file = version_file(&objects.join("tiny-truncated"), "m");
+        let len = fs::metadata(&m_file).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&m_file)
+            .unwrap()
+            .set_len(len - 6)
+            .unwrap();
+        copy_tree(&tiny, &objects.join("tiny-altered"));
+        let m_file = version_file(&objects.join("tiny-altered"), "m");
+        let mut b = fs::read(&m_file).unwrap();
+        let n = b.len();
+        b[n - 5] ^= 1;
+        fs::write(&m_file, b).unwrap();
         // A plain file where a directory should be.
         fs::write(objects.join("plainfile"), b"not a directory").unwrap();
     }
@@ -191,7 +216,15 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         seen("up-link"),
         Some("link:../../../../../../etc/passwd".into())
     );
-    for bad in ["random", "truncated", "swapped", "bigmeta"] {
+    assert_eq!(seen("tiny"), Some("ok:12".into()), "{w:?}");
+    for bad in [
+        "random",
+        "truncated",
+        "swapped",
+        "bigmeta",
+        "tiny-truncated",
+        "tiny-altered",
+    ] {
         assert_eq!(seen(bad), Some(eio()), "{bad}: {w:?}");
     }
     let names: BTreeSet<&str> = w.seen.keys().map(|k| k.as_str()).collect();
@@ -204,6 +237,9 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         "truncated",
         "swapped",
         "bigmeta",
+        "tiny",
+        "tiny-truncated",
+        "tiny-altered",
     ]
     .into();
     assert_eq!(

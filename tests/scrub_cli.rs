@@ -45,16 +45,19 @@ async fn scrub_finds_and_repairs_a_corruption_among_10000_objects() {
         r.unwrap();
     }
     drop(s);
-    // Plant a corruption in one replica of one object.
+    // Plant a corruption in one replica of one object. Small objects keep their data in
+    // the record's file, after the record: "object 4257", then one block checksum.
     let vdir = store.join("replica-1/objects/d7/obj04257/%v");
-    let data = fs::read_dir(&vdir)
+    let files: Vec<_> = fs::read_dir(&vdir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "d"))
-        .unwrap();
-    let mut b = fs::read(&data).unwrap();
-    b[2] ^= 0x20;
-    fs::write(&data, b).unwrap();
+        .collect();
+    assert_eq!(files.len(), 1, "a small object is one file: {files:?}");
+    let mut b = fs::read(&files[0]).unwrap();
+    let n = b.len();
+    assert!(b[..n - 4].ends_with(b"object 4257"), "{b:?}");
+    b[n - 4 - 2] ^= 0x20;
+    fs::write(&files[0], b).unwrap();
 
     // In a pipe: no progress bar, a report naming the damage, a failing status.
     let out = Command::new(coffer_bin())

@@ -139,6 +139,107 @@ async fn repair_on_read_fixes_a_missing_and_a_corrupt_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn small_versions_live_in_their_record_and_are_repaired_copied_and_scrubbed() {
+    logs();
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 3, false);
+    let small: Vec<u8> = (0..5000u32).map(|i| (i % 241) as u8).collect();
+    let limit = coffer::store::local::record::EMBED_MAX as usize;
+    let put = |key: &'static str, body: Vec<u8>| {
+        let s = &s;
+        async move {
+            s.put(key, Bytes::from(body), &PutOptions::default())
+                .await
+                .unwrap()
+        }
+    };
+    put("small", small.clone()).await;
+    put("edge", vec![3u8; limit]).await;
+    put("over", vec![4u8; limit + 1]).await;
+    s.checkpoint().unwrap();
+    // One file per version up to the limit, a record and a data file past it.
+    for r in &cfg.replicas {
+        for (key, files) in [("small", 1), ("edge", 1), ("over", 2)] {
+            let n = fs::read_dir(r.join("objects").join(key).join("%v"))
+                .unwrap()
+                .count();
+            assert_eq!(n, files, "{key} in {}", r.display());
+        }
+    }
+
+    // Replica 0 loses the version, replica 1's copy of the data is damaged: a read answers
+    // from replica 2 and repairs both.
+    fs::remove_file(&version_files(&cfg.replicas[0], "small", "m")[0]).unwrap();
+    let m1 = &version_files(&cfg.replicas[1], "small", "m")[0];
+    let mut bytes = fs::read(m1).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x08;
+    fs::write(m1, bytes).unwrap();
+    let got = s.get("small", None, &GetOptions::default()).await.unwrap();
+    assert_eq!(&got.body[..], &small[..]);
+    let part = s
+        .get("small", Some(4000..4100), &GetOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&part.body[..], &small[4000..4100]);
+    s.wait_repairs().await;
+    let log = log_text();
+    assert!(
+        log.contains("small: replica 1") && log.contains("checksum mismatch"),
+        "{log}"
+    );
+    let want = fs::read(&version_files(&cfg.replicas[2], "small", "m")[0]).unwrap();
+    for r in &cfg.replicas[..2] {
+        assert_eq!(fs::read(&version_files(r, "small", "m")[0]).unwrap(), want);
+    }
+
+    // A rename copies the bytes into the new key's record; the old key is gone for good.
+    s.rename("small", "moved/small", &Default::default())
+        .await
+        .unwrap();
+    s.checkpoint().unwrap();
+    let got = s
+        .get("moved/small", None, &GetOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&got.body[..], &small[..]);
+    assert!(matches!(
+        s.get("small", None, &GetOptions::default()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // And reopened, after the journal is gone, everything still reads.
+    drop(s);
+    let s = LocalStore::open(&cfg).unwrap();
+    let got = s
+        .get("moved/small", None, &GetOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(&got.body[..], &small[..]);
+    assert_eq!(
+        &s.get("edge", None, &GetOptions::default())
+            .await
+            .unwrap()
+            .body[..],
+        &vec![3u8; limit][..]
+    );
+
+    // Scrub checks the embedded bytes in full: one damaged copy is found and repaired.
+    let m2 = &version_files(&cfg.replicas[2], "moved/small", "m")[0];
+    let mut bytes = fs::read(m2).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x01;
+    fs::write(m2, bytes).unwrap();
+    let report = scrub::scrub(&s, true, &mut |_, _| {}).unwrap();
+    assert!(
+        matches!(&report.damage[..], [Damage::Corrupt { key, replica: 2, .. }] if key == "moved/small"),
+        "{:?}",
+        report.damage
+    );
+    let report = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn all_replicas_corrupt_is_an_error_with_no_bytes() {
     let d = tempfile::tempdir().unwrap();
     let (s, cfg) = new_store(d.path(), 3, true);

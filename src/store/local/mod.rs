@@ -395,6 +395,8 @@ impl LocalStore {
                 ..rec.clone()
             };
             let bytes = record::encode_meta(&new);
+            // An embedded source too: its entry stays small (a metadata update's fdatasync
+            // writes one block), and the layout worker copies the bytes.
             let copy = JournaledVersion {
                 key: &dst,
                 v: &v,
@@ -544,6 +546,31 @@ enum Layout<'a> {
     Link { key: &'a str, id: &'a str },
     /// A delete marker: no data file.
     Marker,
+}
+
+/// The stored bytes and block checksums of embedded version `id` of `key`, verified in full,
+/// from replica `r` or else from the first of `replicas` that holds them intact: what a copy
+/// of that version writes after its own record.
+fn embedded_source(r: &Replica, key: &str, id: &str, replicas: &[&Replica]) -> io::Result<Vec<u8>> {
+    let v = VersionName {
+        id: id.to_string(),
+        deleted: false,
+    };
+    let mut why = Vec::new();
+    for rep in std::iter::once(r).chain(replicas.iter().copied().filter(|g| g.index != r.index)) {
+        let read = rep.read_record(key, &v).and_then(|rec| {
+            if !rec.embedded {
+                return Err(ReplicaError::Corrupt("its data is not embedded".into()));
+            }
+            let data = rep.open_data(key, &v, &rec)?;
+            record::read_all_verified(&data, &rec)?.map_err(ReplicaError::Corrupt)
+        });
+        match read {
+            Ok(stored) => return Ok(stored),
+            Err(e) => why.push(format!("replica {} {e}", rep.index)),
+        }
+    }
+    Err(io::Error::other(why.join("; ")))
 }
 
 /// Writes `bytes` to `path` through a file in `tmp` and a rename, replacing any file there.
@@ -735,7 +762,8 @@ impl Inner {
         sums.update(stored);
         let (table, digest, size) = sums.finish();
         let id = self.next_version_id();
-        let rec = MetaRecord::live(key, size, digest, metadata, sse.map(|(r, _)| r));
+        let mut rec = MetaRecord::live(key, size, digest, metadata, sse.map(|(r, _)| r));
+        rec.embedded = size <= record::EMBED_MAX;
         let v = VersionName {
             id: id.clone(),
             deleted: false,
@@ -1015,7 +1043,7 @@ impl Inner {
             .map_err(|e| io::Error::other(format!("source replica {good} is {e}")))?;
         let record_bytes = fs::read(src.record_path(key, v))?;
         if !v.deleted {
-            let data = File::open(src.data_path(key, &v.id))?;
+            let data = src.open_data(key, v, &rec)?;
             if let Err(e) = record::verify_full(&data, &rec)? {
                 return Err(io::Error::other(format!(
                     "source replica {good} is corrupt: {e}"
@@ -1025,7 +1053,8 @@ impl Inner {
         for &i in bad {
             let dst = &self.replicas[i];
             let dir = layout::create_key_dirs(&dst.objects, key)?;
-            if !v.deleted {
+            // An embedded version's data is in `record_bytes`, read whole above.
+            if !v.deleted && !rec.embedded {
                 let tmp = dst
                     .tmp
                     .join(format!("{}-{:08x}{DATA_SUFFIX}", v.id, random_u32()));
@@ -1067,6 +1096,7 @@ impl Inner {
             mtime_ns: now_ns(),
             metadata: Metadata::new(),
             sse: None,
+            embedded: false,
         };
         (v, record::encode_meta(&rec))
     }
@@ -1522,7 +1552,15 @@ impl Inner {
     ) -> io::Result<()> {
         let dir = layout::create_key_dirs_with(&r.objects, key, DirSync::Later)?;
         let target = dir.join(format!("{}{DATA_SUFFIX}", v.id));
+        let embedded = record::is_embedded(record);
+        let mut copied = Vec::new();
         match layout {
+            Layout::Inline { .. } if embedded => {}
+            // An embedded version has no data file to link: its copy's record file holds
+            // the source's bytes again.
+            Layout::Link { key: src, id } if embedded => {
+                copied = embedded_source(r, src, id, replicas)?;
+            }
             Layout::Inline { stored, table } => {
                 let mut f = OpenOptions::new()
                     .write(true)
@@ -1569,7 +1607,14 @@ impl Inner {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(record)?;
+            match layout {
+                // One write: the record file is the whole version.
+                Layout::Inline { stored, table } if embedded => {
+                    f.write_all(&[record, stored, table].concat())?
+                }
+                Layout::Link { .. } if embedded => f.write_all(&[record, &copied].concat())?,
+                _ => f.write_all(record)?,
+            }
         }
         fs::rename(&tmp, dir.join(format!("{}{suffix}", v.id)))
     }
@@ -1718,7 +1763,40 @@ impl Inner {
         let dir = layout::create_key_dirs_with(&r.objects, &e.key, DirSync::Replay)?;
         let data_path = dir.join(format!("{}{DATA_SUFFIX}", e.id));
         let mut changed = false;
+        let record_path = r.record_path(&e.key, &v);
+        // An embedded version's record file holds its data too.
+        let record_file = match &e.data {
+            EntryData::Inline(bytes) if rec.embedded => [&e.record[..], bytes].concat(),
+            EntryData::Link { key, id } if rec.embedded => {
+                let have = fs::read(&record_path).ok();
+                let intact = have.as_deref().filter(|b| {
+                    b.strip_prefix(&e.record[..])
+                        .is_some_and(|data| record::verify_stored(data, &rec).is_ok())
+                });
+                // In place already (its source may be pruned since): nothing to copy.
+                if let Some(intact) = intact {
+                    intact.to_vec()
+                } else {
+                    let replicas: Vec<&Replica> = self.online().collect();
+                    match embedded_source(r, key, id, &replicas) {
+                        Ok(copied) => [&e.record[..], &copied].concat(),
+                        Err(err) => {
+                            // Left as it is: reads find the copy missing or damaged here and
+                            // repair it from a replica that has it.
+                            warn!(
+                                "{}: the source of copied version {} ({key} version {id}) is \
+                                 not readable on any replica: {err}",
+                                e.key, e.id
+                            );
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+            _ => e.record.clone(),
+        };
         match &e.data {
+            EntryData::Inline(_) | EntryData::Link { .. } if rec.embedded => {}
             EntryData::Inline(bytes) => {
                 if fs::read(&data_path).ok().as_deref() != Some(&bytes[..]) {
                     write_replacing(&r.tmp, &data_path, bytes)?;
@@ -1727,7 +1805,9 @@ impl Inner {
             }
             EntryData::Link { key, id } => {
                 let intact = File::open(&data_path)
-                    .and_then(|f| record::verify_full(&f, &rec))
+                    .and_then(|f| {
+                        record::verify_full(&record::StoredData { file: f, base: 0 }, &rec)
+                    })
                     .is_ok_and(|v| v.is_ok());
                 if !intact {
                     let src = r.data_path(key, id);
@@ -1747,9 +1827,8 @@ impl Inner {
             }
             EntryData::Marker | EntryData::Cancel => {}
         }
-        let record_path = r.record_path(&e.key, &v);
-        if fs::read(&record_path).ok().as_deref() != Some(&e.record[..]) {
-            write_replacing(&r.tmp, &record_path, &e.record)?;
+        if fs::read(&record_path).ok().as_deref() != Some(&record_file[..]) {
+            write_replacing(&r.tmp, &record_path, &record_file)?;
             changed = true;
         }
         Ok(changed)
@@ -1911,9 +1990,10 @@ impl Inner {
         while off < rec.size {
             let r = off..(off + STEP).min(rec.size);
             let read = self.read_version(src, Some(src_id), |rep, v, rec| {
-                let file =
-                    File::open(rep.data_path(src, &v.id)).map_err(|e| replica_err(src, e))?;
-                record::read_verified(&file, rec, r.clone())?.map_err(ReplicaError::Corrupt)
+                let data = rep
+                    .open_data(src, v, rec)
+                    .map_err(|e| replica_err(src, e))?;
+                record::read_verified(&data, rec, r.clone())?.map_err(ReplicaError::Corrupt)
             });
             let mut data = match read {
                 Ok((_, _, d)) => d,
@@ -2375,7 +2455,7 @@ impl ObjectStore for LocalStore {
                     Err(e) => return Ok(Err(e)),
                 };
                 let r = clamp_range(range.clone(), rec.size);
-                let file = File::open(rep.data_path(&k, &v.id)).map_err(|e| replica_err(&k, e))?;
+                let file = rep.open_data(&k, v, rec).map_err(|e| replica_err(&k, e))?;
                 let data = record::read_verified_bytes(&file, rec, r.clone())?
                     .map_err(ReplicaError::Corrupt)?;
                 Ok(Ok((r, data, obj_key)))

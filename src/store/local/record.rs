@@ -1,4 +1,5 @@
-//! The two files of one object version in a replica.
+//! The files of one object version in a replica: its record, and its data file unless the
+//! data is embedded in the record.
 //!
 //! `<version>.d` holds the stored bytes followed by a table of CRC32C values, one per block
 //! of [`BLOCK_SIZE`] bytes, so that a ranged read verifies only the blocks it touches.
@@ -10,6 +11,11 @@
 //!
 //! The record carries the data size, the BLAKE3 digest of the whole data (checked by scrub),
 //! the etag, the mtime and the user metadata; its own CRC covers the user metadata.
+//!
+//! A version of at most [`EMBED_MAX`] stored bytes written through the journal has no `.d`
+//! file: its record starts with `"CFRE"` instead and is followed, in the same `.m` file, by
+//! exactly what the `.d` file would hold (the bytes, then their block checksums). A small
+//! file then costs one file in the layout instead of two, and one open to read.
 
 use std::fs::File;
 use std::io;
@@ -24,6 +30,15 @@ use crate::store::Metadata;
 
 pub const BLOCK_SIZE: u32 = 64 * 1024;
 const META_MAGIC: &[u8; 4] = b"CFRM";
+/// The magic of a record followed by its version's data (see the module comment).
+const EMBEDDED_MAGIC: &[u8; 4] = b"CFRE";
+/// Versions of at most this many stored bytes written through the journal keep their data
+/// in the record's file. Larger ones keep a `.d` file, which a copy (a rename) shares by a
+/// hard link: an embedded version is copied, so this bounds what a rename rewrites.
+pub const EMBED_MAX: u64 = 32 * 1024;
+/// How much of a record file the first read takes: the whole record of every version but
+/// those with large user metadata, and the data of most embedded ones.
+const FIRST_READ: usize = 8 * 1024;
 /// A metadata record larger than this is refused as corrupt (user metadata is capped far
 /// below it), so a damaged length field cannot make a reader allocate without bound.
 const MAX_META_RECORD: usize = 1 << 20;
@@ -55,6 +70,9 @@ pub struct MetaRecord {
     pub metadata: Metadata,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sse: Option<SseRecord>,
+    /// The data follows the record in its file (told by the magic, not the JSON).
+    #[serde(skip)]
+    pub embedded: bool,
 }
 
 impl MetaRecord {
@@ -77,14 +95,24 @@ impl MetaRecord {
             mtime_ns: super::now_ns(),
             metadata,
             sse,
+            embedded: false,
         }
     }
+}
+
+/// Whether encoded record `bytes` are followed by their version's data in the layout.
+pub fn is_embedded(bytes: &[u8]) -> bool {
+    bytes.starts_with(EMBEDDED_MAGIC)
 }
 
 pub fn encode_meta(rec: &MetaRecord) -> Vec<u8> {
     let json = serde_json::to_vec(rec).expect("a MetaRecord always serializes");
     let mut out = Vec::with_capacity(json.len() + 12);
-    out.extend_from_slice(META_MAGIC);
+    out.extend_from_slice(if rec.embedded {
+        EMBEDDED_MAGIC
+    } else {
+        META_MAGIC
+    });
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
     let crc = crc32c::crc32c(&out);
@@ -93,7 +121,7 @@ pub fn encode_meta(rec: &MetaRecord) -> Vec<u8> {
 }
 
 pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
-    if bytes.len() < 12 || &bytes[..4] != META_MAGIC {
+    if bytes.len() < 12 || (&bytes[..4] != META_MAGIC && &bytes[..4] != EMBEDDED_MAGIC) {
         return Err("metadata record: bad magic or too short".into());
     }
     let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
@@ -107,18 +135,81 @@ pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
     if crc32c::crc32c(&bytes[..8 + len]) != crc {
         return Err("metadata record: checksum mismatch".into());
     }
-    serde_json::from_slice(&bytes[8..8 + len]).map_err(|e| format!("metadata record: {e}"))
+    let mut rec: MetaRecord =
+        serde_json::from_slice(&bytes[8..8 + len]).map_err(|e| format!("metadata record: {e}"))?;
+    rec.embedded = is_embedded(bytes);
+    if rec.embedded && (rec.deleted || rec.size > EMBED_MAX) {
+        return Err(format!(
+            "metadata record: embedded data of {} bytes (deleted: {}) is not allowed",
+            rec.size, rec.deleted
+        ));
+    }
+    Ok(rec)
 }
 
-/// Reads and verifies a `.m` file.
+/// Reads and verifies a `.m` file: the record, and that the file is as long as the record
+/// says (a record with embedded data is followed by exactly that data and its checksums,
+/// which [`read_verified_bytes`] and [`verify_full`] check).
 pub fn read_meta(file: &File) -> io::Result<Result<MetaRecord, String>> {
-    let len = file.metadata()?.len() as usize;
-    if len > MAX_META_RECORD + 12 {
-        return Ok(Err(format!("metadata record of {len} bytes is too large")));
-    }
-    let mut buf = vec![0u8; len];
+    let file_len = file.metadata()?.len();
+    let mut buf = vec![0u8; (file_len as usize).min(FIRST_READ)];
     file.read_exact_at(&mut buf, 0)?;
-    Ok(decode_meta(&buf))
+    let Some(record_len) = record_len(&buf) else {
+        return Ok(Err("metadata record: bad magic or too short".into()));
+    };
+    if record_len > MAX_META_RECORD + 12 || record_len as u64 > file_len {
+        return Ok(Err(format!(
+            "metadata record of {record_len} bytes does not fit its file of {file_len}"
+        )));
+    }
+    if record_len > buf.len() {
+        let have = buf.len();
+        buf.resize(record_len, 0);
+        file.read_exact_at(&mut buf[have..], have as u64)?;
+    }
+    let rec = match decode_meta(&buf[..record_len]) {
+        Ok(rec) => rec,
+        Err(e) => return Ok(Err(e)),
+    };
+    let expected = record_len as u64
+        + if rec.embedded {
+            stored_len(rec.size, rec.block_size as u64)
+        } else {
+            0
+        };
+    if file_len != expected {
+        return Ok(Err(format!(
+            "record file is {file_len} bytes, expected {expected}"
+        )));
+    }
+    Ok(Ok(rec))
+}
+
+/// The length of the record at the start of `bytes` (its header, JSON and CRC), from its
+/// header alone; `None` without a record's magic.
+fn record_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < 8 || (&bytes[..4] != META_MAGIC && &bytes[..4] != EMBEDDED_MAGIC) {
+        return None;
+    }
+    Some(12 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize)
+}
+
+/// Where in `file` a version's stored bytes start: 0 in a `.d` file, or right after the
+/// record in the `.m` file of an embedded version.
+pub fn data_offset(file: &File, rec: &MetaRecord) -> io::Result<u64> {
+    if !rec.embedded {
+        return Ok(0);
+    }
+    let mut head = [0u8; 8];
+    file.read_exact_at(&mut head, 0)?;
+    record_len(&head)
+        .map(|n| n as u64)
+        .ok_or_else(|| io::Error::other("metadata record: bad magic"))
+}
+
+/// What the stored bytes of `size` take with their block checksums.
+fn stored_len(size: u64, block_size: u64) -> u64 {
+    size + 4 * blocks(size, block_size.max(1))
 }
 
 /// Computes the block checksums and digest of data as it streams in.
@@ -177,21 +268,51 @@ fn blocks(size: u64, block_size: u64) -> u64 {
     size.div_ceil(block_size)
 }
 
-/// Reads `range` of a `.d` file (already clamped to the data size), verifying the CRC of
-/// every block it touches. `Err(Ok(detail))` means the replica is corrupt.
+/// A version's stored bytes and their block checksums: a whole `.d` file, or what follows
+/// the record in an embedded version's `.m` file.
+pub struct StoredData {
+    pub file: File,
+    /// Where the stored bytes start in `file`.
+    pub base: u64,
+}
+
+impl StoredData {
+    /// The data of the version whose record is `rec`, in `file` (its `.d` file, or its
+    /// `.m` file if the data is embedded).
+    pub fn new(file: File, rec: &MetaRecord) -> io::Result<StoredData> {
+        let base = data_offset(&file, rec)?;
+        Ok(StoredData { file, base })
+    }
+
+    /// Checks that the file holds exactly the stored bytes and checksums `rec` describes.
+    fn check_len(&self, rec: &MetaRecord) -> io::Result<Result<(), String>> {
+        let file_len = self.file.metadata()?.len();
+        let expected_len = self.base + stored_len(rec.size, rec.block_size as u64);
+        if file_len != expected_len {
+            let what = if rec.embedded { "record" } else { "data" };
+            return Ok(Err(format!(
+                "{what} file is {file_len} bytes, expected {expected_len}"
+            )));
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// Reads `range` of a version's data (already clamped to the data size), verifying the CRC
+/// of every block it touches. `Err(Ok(detail))` means the replica is corrupt.
 pub fn read_verified(
-    file: &File,
+    data: &StoredData,
     rec: &MetaRecord,
     range: Range<u64>,
 ) -> io::Result<Result<Vec<u8>, String>> {
-    Ok(read_verified_bytes(file, rec, range)?.map(|b| b.to_vec()))
+    Ok(read_verified_bytes(data, rec, range)?.map(|b| b.to_vec()))
 }
 
 /// [`read_verified`] without moving the bytes: the whole blocks read stay in one buffer and
 /// the result is the requested slice of it (ranged reads of sealed chunks never start on
 /// a block boundary, and moving every read's bytes down cost a copy of each).
 pub fn read_verified_bytes(
-    file: &File,
+    stored: &StoredData,
     rec: &MetaRecord,
     range: Range<u64>,
 ) -> io::Result<Result<bytes::Bytes, String>> {
@@ -202,21 +323,18 @@ pub fn read_verified_bytes(
     if bs == 0 {
         return Ok(Err("block size 0".into()));
     }
-    let file_len = file.metadata()?.len();
-    let expected_len = rec.size + 4 * blocks(rec.size, bs);
-    if file_len != expected_len {
-        return Ok(Err(format!(
-            "data file is {file_len} bytes, expected {expected_len}"
-        )));
+    if let Err(e) = stored.check_len(rec)? {
+        return Ok(Err(e));
     }
+    let (file, at) = (&stored.file, stored.base);
     let b0 = range.start / bs;
     let b1 = (range.end - 1) / bs;
     let mut table = vec![0u8; 4 * (b1 - b0 + 1) as usize];
-    file.read_exact_at(&mut table, rec.size + 4 * b0)?;
+    file.read_exact_at(&mut table, at + rec.size + 4 * b0)?;
     let start = b0 * bs;
     let end = ((b1 + 1) * bs).min(rec.size);
     let want = (end - start) as usize;
-    let (data, base) = read_span(file, start, want)?;
+    let (data, base) = read_span(file, at + start, want)?;
     let span = &data[base..];
     if span.len() != want {
         return Err(io::Error::new(
@@ -272,32 +390,29 @@ fn read_span(file: &File, start: u64, want: usize) -> io::Result<(Vec<u8>, usize
     Ok((data, 0))
 }
 
-/// Verifies a whole `.d` file: every block checksum and the BLAKE3 digest. Memory stays at
-/// one block.
-pub fn verify_full(file: &File, rec: &MetaRecord) -> io::Result<Result<(), String>> {
+/// Verifies a version's whole data: every block checksum and the BLAKE3 digest. Memory
+/// stays at one block.
+pub fn verify_full(data: &StoredData, rec: &MetaRecord) -> io::Result<Result<(), String>> {
     let bs = rec.block_size as u64;
     if bs == 0 {
         return Ok(Err("block size 0".into()));
     }
-    let file_len = file.metadata()?.len();
-    let expected_len = rec.size + 4 * blocks(rec.size, bs);
-    if file_len != expected_len {
-        return Ok(Err(format!(
-            "data file is {file_len} bytes, expected {expected_len}"
-        )));
+    if let Err(e) = data.check_len(rec)? {
+        return Ok(Err(e));
     }
+    let (file, at) = (&data.file, data.base);
     let mut sums = DataChecksummer::new(rec.block_size);
     let mut buf = vec![0u8; bs as usize];
     let mut off = 0;
     while off < rec.size {
         let n = bs.min(rec.size - off) as usize;
-        file.read_exact_at(&mut buf[..n], off)?;
+        file.read_exact_at(&mut buf[..n], at + off)?;
         sums.update(&buf[..n]);
         off += n as u64;
     }
     let (table, digest, _) = sums.finish();
     let mut stored = vec![0u8; table.len()];
-    file.read_exact_at(&mut stored, rec.size)?;
+    file.read_exact_at(&mut stored, at + rec.size)?;
     if stored != table {
         let bad = table
             .chunks(4)
@@ -310,6 +425,47 @@ pub fn verify_full(file: &File, rec: &MetaRecord) -> io::Result<Result<(), Strin
         return Ok(Err("BLAKE3 digest mismatch".into()));
     }
     Ok(Ok(()))
+}
+
+/// A version's whole data as stored (the bytes, then their block checksums), verified in
+/// full: a copy of an embedded version writes it after its own record. Read once and checked
+/// in memory, so what is returned is what was checked.
+pub fn read_all_verified(
+    data: &StoredData,
+    rec: &MetaRecord,
+) -> io::Result<Result<Vec<u8>, String>> {
+    if let Err(e) = data.check_len(rec)? {
+        return Ok(Err(e));
+    }
+    let mut buf = vec![0u8; stored_len(rec.size, rec.block_size as u64) as usize];
+    data.file.read_exact_at(&mut buf, data.base)?;
+    Ok(verify_stored(&buf, rec).map(|()| buf))
+}
+
+/// Checks a version's whole data as stored (the bytes, then their block checksums) against
+/// its record: length, every block checksum and the BLAKE3 digest.
+pub fn verify_stored(stored: &[u8], rec: &MetaRecord) -> Result<(), String> {
+    if rec.block_size == 0 {
+        return Err("block size 0".into());
+    }
+    if stored.len() as u64 != stored_len(rec.size, rec.block_size as u64) {
+        return Err(format!(
+            "{} bytes of data and checksums, expected {}",
+            stored.len(),
+            stored_len(rec.size, rec.block_size as u64)
+        ));
+    }
+    let (bytes, table) = stored.split_at(rec.size as usize);
+    let mut sums = DataChecksummer::new(rec.block_size);
+    sums.update(bytes);
+    let (want, digest, _) = sums.finish();
+    if want != table {
+        return Err("block checksum mismatch".into());
+    }
+    if digest != rec.blake3 {
+        return Err("BLAKE3 digest mismatch".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -328,6 +484,7 @@ mod tests {
             mtime_ns: 5,
             metadata: [("mode".to_string(), "33188".to_string())].into(),
             sse: None,
+            embedded: false,
         };
         let bytes = encode_meta(&rec);
         assert_eq!(decode_meta(&bytes).unwrap(), rec);
@@ -337,6 +494,110 @@ mod tests {
             assert!(decode_meta(&b).is_err(), "flip at {i} not detected");
         }
         assert!(decode_meta(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    /// The golden version files (written by `scripts/golden_local.py`, a second
+    /// implementation) in a directory of their own, opened.
+    fn golden(name: &str) -> (tempfile::TempDir, File) {
+        let bytes = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/golden")
+                .join(name),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(name), &bytes).unwrap();
+        let file = File::open(dir.path().join(name)).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn golden_records_of_every_layout_still_read() {
+        // A version with its own data file: every version before embedding.
+        let (_d, m) = golden("local-record.m");
+        let rec = read_meta(&m).unwrap().unwrap();
+        assert_eq!(
+            (rec.key.as_str(), rec.size, rec.embedded),
+            ("docs/big.bin", 70_000, false)
+        );
+        assert_eq!(rec.metadata["coffer-mode"], "33188");
+        let (_d2, d) = golden("local-record.d");
+        let data = StoredData::new(d, &rec).unwrap();
+        assert_eq!(data.base, 0);
+        verify_full(&data, &rec).unwrap().unwrap();
+        let want: Vec<u8> = (0..70_000u64)
+            .map(|i| ((i * 2_654_435_761) >> 13) as u8)
+            .collect();
+        let got = read_verified(&data, &rec, 65_530..70_000).unwrap().unwrap();
+        assert_eq!(got, want[65_530..]);
+
+        // A small version embedded in its record's file.
+        let (_d3, m) = golden("local-embedded.m");
+        let rec = read_meta(&m).unwrap().unwrap();
+        assert_eq!(
+            (rec.key.as_str(), rec.size, rec.embedded),
+            ("docs/small.txt", 14, true)
+        );
+        let data = StoredData::new(m, &rec).unwrap();
+        verify_full(&data, &rec).unwrap().unwrap();
+        assert_eq!(
+            read_verified(&data, &rec, 0..14).unwrap().unwrap(),
+            b"hello, coffer\n"
+        );
+        let all = read_all_verified(&data, &rec).unwrap().unwrap();
+        assert_eq!(&all[..14], b"hello, coffer\n");
+        assert_eq!(all.len(), 14 + 4);
+
+        // A delete marker.
+        let (_d4, x) = golden("local-marker.x");
+        let rec = read_meta(&x).unwrap().unwrap();
+        assert!(rec.deleted && !rec.embedded && rec.key == "docs/gone");
+
+        // This implementation writes the same bytes the second one did.
+        for name in ["local-record.m", "local-embedded.m", "local-marker.x"] {
+            let (_d, f) = golden(name);
+            let all = std::fs::read(_d.path().join(name)).unwrap();
+            let rec = read_meta(&f).unwrap().unwrap();
+            let enc = encode_meta(&rec);
+            assert_eq!(enc[..], all[..enc.len()], "{name}");
+        }
+    }
+
+    #[test]
+    fn damage_to_an_embedded_version_is_caught() {
+        let (dir, _) = golden("local-embedded.m");
+        let path = dir.path().join("local-embedded.m");
+        let good = std::fs::read(&path).unwrap();
+        let check = |bytes: &[u8]| -> Result<(), String> {
+            std::fs::write(&path, bytes).unwrap();
+            let file = File::open(&path).unwrap();
+            let rec = read_meta(&file).unwrap()?;
+            let data = StoredData::new(file, &rec).unwrap();
+            verify_full(&data, &rec).unwrap()?;
+            read_verified(&data, &rec, 0..rec.size).unwrap()?;
+            read_all_verified(&data, &rec).unwrap().map(|_| ())
+        };
+        check(&good).unwrap();
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x10;
+            assert!(check(&b).is_err(), "a flip at byte {i} went unnoticed");
+        }
+        for n in [0, 3, 8, 100, good.len() - 1] {
+            let err = check(&good[..n]).unwrap_err();
+            assert!(!err.is_empty(), "cut at {n}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(check(&longer).unwrap_err().contains("expected"));
+        // A record with the embedded magic over data too large to embed is refused.
+        let mut rec = decode_meta(&good[..good.len() - 18]).unwrap();
+        rec.size = EMBED_MAX + 1;
+        assert!(
+            decode_meta(&encode_meta(&rec))
+                .unwrap_err()
+                .contains("embedded")
+        );
     }
 
     #[test]
@@ -378,6 +639,7 @@ mod tests {
             mtime_ns: 0,
             metadata: Default::default(),
             sse: None,
+            embedded: false,
         };
         let size = size as u64;
         let ranges = [
@@ -405,9 +667,16 @@ mod tests {
         };
         for cached in ["all", "none", "first MiB"] {
             for r in ranges.clone() {
-                let got = read_verified_bytes(&open(cached), &rec, r.clone())
-                    .unwrap()
-                    .unwrap();
+                let got = read_verified_bytes(
+                    &StoredData {
+                        file: open(cached),
+                        base: 0,
+                    },
+                    &rec,
+                    r.clone(),
+                )
+                .unwrap()
+                .unwrap();
                 assert!(
                     got[..] == data[r.start as usize..r.end as usize],
                     "{r:?}, cached: {cached}"
@@ -422,9 +691,16 @@ mod tests {
         // A flipped bit is caught on the direct path as on the other.
         body[(1 << 20) + 3] ^= 1;
         std::fs::write(&path, &body).unwrap();
-        let err = read_verified_bytes(&open("none"), &rec, 0..size)
-            .unwrap()
-            .unwrap_err();
+        let err = read_verified_bytes(
+            &StoredData {
+                file: open("none"),
+                base: 0,
+            },
+            &rec,
+            0..size,
+        )
+        .unwrap()
+        .unwrap_err();
         assert!(err.contains("block 16 checksum mismatch"), "{err}");
     }
 }

@@ -150,6 +150,22 @@ impl Replica {
         self.versions_dir(key).join(format!("{id}{DATA_SUFFIX}"))
     }
 
+    /// Opens the stored bytes of live version `v` (record `rec`): its `.d` file, or its
+    /// record's file when the data is embedded there.
+    pub fn open_data(
+        &self,
+        key: &str,
+        v: &VersionName,
+        rec: &MetaRecord,
+    ) -> io::Result<record::StoredData> {
+        let path = if rec.embedded {
+            self.record_path(key, v)
+        } else {
+            self.data_path(key, &v.id)
+        };
+        record::StoredData::new(File::open(path)?, rec)
+    }
+
     /// Reads and verifies the record of a version.
     pub fn read_record(&self, key: &str, v: &VersionName) -> Result<MetaRecord, ReplicaError> {
         let file = File::open(self.record_path(key, v))?;

@@ -2,7 +2,7 @@
 //! corrupt or orphaned, and optionally restore full redundancy from good copies.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 
 use super::replica::{DATA_SUFFIX, ReplicaError, VersionName};
@@ -138,8 +138,8 @@ fn scrub_key(
                 if v.deleted {
                     return Ok(0);
                 }
-                let file = File::open(r.data_path(key, &v.id))?;
-                record::verify_full(&file, &rec)?.map_err(ReplicaError::Corrupt)?;
+                let data = r.open_data(key, v, &rec)?;
+                record::verify_full(&data, &rec)?.map_err(ReplicaError::Corrupt)?;
                 Ok(rec.size)
             });
             versions
