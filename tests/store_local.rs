@@ -240,6 +240,41 @@ async fn small_versions_live_in_their_record_and_are_repaired_copied_and_scrubbe
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_copy_of_an_embedded_version_takes_its_bytes_from_a_good_replica() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, cfg) = new_store(d.path(), 2, false);
+    let body: Vec<u8> = (0..3000u32).map(|i| (i % 239) as u8).collect();
+    s.put("src", Bytes::from(body.clone()), &PutOptions::default())
+        .await
+        .unwrap();
+    s.checkpoint().unwrap();
+    // Replica 0's copy of the source is damaged; the rename's layout worker there must not
+    // copy the damage into the new version.
+    let m0 = &version_files(&cfg.replicas[0], "src", "m")[0];
+    let mut bytes = fs::read(m0).unwrap();
+    let n = bytes.len();
+    bytes[n - 50] ^= 0x02;
+    fs::write(m0, bytes).unwrap();
+    s.rename("src", "dst", &Default::default()).await.unwrap();
+    s.checkpoint().unwrap();
+    let files: Vec<Vec<u8>> = cfg
+        .replicas
+        .iter()
+        .map(|r| fs::read(&version_files(r, "dst", "m")[0]).unwrap())
+        .collect();
+    assert_eq!(files[0], files[1], "replica 0's copy differs");
+    assert!(files[0].ends_with(&{
+        let mut tail = body[body.len() - 10..].to_vec();
+        tail.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        tail
+    }));
+    let got = s.get("dst", None, &GetOptions::default()).await.unwrap();
+    assert_eq!(&got.body[..], &body[..]);
+    let report = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn all_replicas_corrupt_is_an_error_with_no_bytes() {
     let d = tempfile::tempdir().unwrap();
     let (s, cfg) = new_store(d.path(), 3, true);
