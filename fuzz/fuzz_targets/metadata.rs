@@ -1,5 +1,6 @@
-//! The metadata decoders: a local replica's version record (`.m` file), and object metadata
-//! (from a bucket anyone with access can write) turned into POSIX attributes and xattrs.
+//! The metadata decoders: a local replica's version record (`.m` file, with any embedded
+//! data after it), and object metadata (from a bucket anyone with access can write) turned
+//! into POSIX attributes and xattrs.
 
 #![no_main]
 
@@ -10,7 +11,14 @@ use coffer::vfs::attr::{self, Attr, Defaults, Kind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = coffer::store::local::record::decode_meta(data);
+    use coffer::store::local::record;
+    let _ = record::decode_meta(data);
+    // The whole of a record file: the record, and the embedded data after it.
+    if let Ok((rec, at)) = record::decode_record_file(data, data.len() as u64)
+        && rec.embedded
+    {
+        let _ = record::verify_stored(&data[at..], &rec);
+    }
     let Ok(meta) = serde_json::from_slice::<Metadata>(data) else {
         return;
     };

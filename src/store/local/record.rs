@@ -138,6 +138,14 @@ pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
     let mut rec: MetaRecord =
         serde_json::from_slice(&bytes[8..8 + len]).map_err(|e| format!("metadata record: {e}"))?;
     rec.embedded = is_embedded(bytes);
+    // Every writer uses BLOCK_SIZE; a reader allocates a block, so a damaged or planted
+    // record must not name gigabytes.
+    if !(512..=16 << 20).contains(&rec.block_size) {
+        return Err(format!(
+            "metadata record: block size {} is out of range",
+            rec.block_size
+        ));
+    }
     if rec.embedded && (rec.deleted || rec.size > EMBED_MAX) {
         return Err(format!(
             "metadata record: embedded data of {} bytes (deleted: {}) is not allowed",
@@ -154,23 +162,32 @@ pub fn read_meta(file: &File) -> io::Result<Result<MetaRecord, String>> {
     let file_len = file.metadata()?.len();
     let mut buf = vec![0u8; (file_len as usize).min(FIRST_READ)];
     file.read_exact_at(&mut buf, 0)?;
-    let Some(record_len) = record_len(&buf) else {
-        return Ok(Err("metadata record: bad magic or too short".into()));
-    };
-    if record_len > MAX_META_RECORD + 12 || record_len as u64 > file_len {
-        return Ok(Err(format!(
-            "metadata record of {record_len} bytes does not fit its file of {file_len}"
-        )));
-    }
-    if record_len > buf.len() {
+    if let Some(record_len) = record_len(&buf)
+        && record_len > buf.len()
+        && record_len <= MAX_META_RECORD + 12
+        && record_len as u64 <= file_len
+    {
         let have = buf.len();
         buf.resize(record_len, 0);
         file.read_exact_at(&mut buf[have..], have as u64)?;
     }
-    let rec = match decode_meta(&buf[..record_len]) {
-        Ok(rec) => rec,
-        Err(e) => return Ok(Err(e)),
+    Ok(decode_record_file(&buf, file_len).map(|(rec, _)| rec))
+}
+
+/// Decodes the record at the start of a record file of `file_len` bytes, given the file's
+/// first bytes (`head`, at least the whole record), and checks that the file is as long as
+/// the record says. Returns the record and its length, where embedded data starts.
+pub fn decode_record_file(head: &[u8], file_len: u64) -> Result<(MetaRecord, usize), String> {
+    let Some(record_len) = record_len(head) else {
+        return Err("metadata record: bad magic or too short".into());
     };
+    if record_len > MAX_META_RECORD + 12 || record_len as u64 > file_len || record_len > head.len()
+    {
+        return Err(format!(
+            "metadata record of {record_len} bytes does not fit its file of {file_len}"
+        ));
+    }
+    let rec = decode_meta(&head[..record_len])?;
     let expected = record_len as u64
         + if rec.embedded {
             stored_len(rec.size, rec.block_size as u64)
@@ -178,11 +195,11 @@ pub fn read_meta(file: &File) -> io::Result<Result<MetaRecord, String>> {
             0
         };
     if file_len != expected {
-        return Ok(Err(format!(
+        return Err(format!(
             "record file is {file_len} bytes, expected {expected}"
-        )));
+        ));
     }
-    Ok(Ok(rec))
+    Ok((rec, record_len))
 }
 
 /// The length of the record at the start of `bytes` (its header, JSON and CRC), from its
@@ -209,7 +226,8 @@ pub fn data_offset(file: &File, rec: &MetaRecord) -> io::Result<u64> {
 
 /// What the stored bytes of `size` take with their block checksums.
 fn stored_len(size: u64, block_size: u64) -> u64 {
-    size + 4 * blocks(size, block_size.max(1))
+    // Saturating: a record's size is read from disk, and may be anything.
+    size.saturating_add(blocks(size, block_size.max(1)).saturating_mul(4))
 }
 
 /// Computes the block checksums and digest of data as it streams in.
@@ -494,6 +512,23 @@ mod tests {
             assert!(decode_meta(&b).is_err(), "flip at {i} not detected");
         }
         assert!(decode_meta(&bytes[..bytes.len() - 1]).is_err());
+        // A block size a reader would allocate is bounded, checksum or not.
+        for bs in [0, 1 << 30] {
+            let bad = encode_meta(&MetaRecord {
+                block_size: bs,
+                ..rec.clone()
+            });
+            assert!(
+                decode_meta(&bad).unwrap_err().contains("block size"),
+                "{bs}"
+            );
+        }
+        // A record file must be as long as its record says.
+        assert_eq!(
+            decode_record_file(&bytes, bytes.len() as u64).unwrap().1,
+            bytes.len()
+        );
+        assert!(decode_record_file(&bytes, bytes.len() as u64 + 1).is_err());
     }
 
     /// The golden version files (written by `scripts/golden_local.py`, a second
