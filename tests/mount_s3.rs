@@ -523,10 +523,15 @@ fn requests_so_far(m: &Mount) -> u64 {
 /// [`requests_so_far`] once the mount has sent none for a while: what a mount does as it
 /// starts (its first lookups, the versioning check) is not counted against what follows.
 fn requests_when_idle(m: &Mount) -> u64 {
+    let start = std::time::Instant::now();
     let mut last = requests_so_far(m);
     loop {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let now = requests_so_far(m);
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the mount kept sending requests for 30 s after it started"
+        );
         if now == last {
             return now;
         }
