@@ -44,7 +44,9 @@ use apply::{ApplyQueue, Job, Wake};
 use journal::{EntryData, EntryRef, Journal, SegmentHold};
 use layout::DirSync;
 use record::{BLOCK_SIZE, DataChecksummer, MetaRecord};
-use replica::{DATA_SUFFIX, DELETE_SUFFIX, META_SUFFIX, Replica, ReplicaError, VersionName};
+use replica::{
+    DATA_SUFFIX, DELETE_SUFFIX, META_SUFFIX, RecordFile, Replica, ReplicaError, VersionName,
+};
 
 /// How a local store is laid out, as kept in the store's config file.
 #[derive(Clone, Debug, Default)]
@@ -558,11 +560,11 @@ fn embedded_source(r: &Replica, key: &str, id: &str, replicas: &[&Replica]) -> i
     };
     let mut why = Vec::new();
     for rep in std::iter::once(r).chain(replicas.iter().copied().filter(|g| g.index != r.index)) {
-        let read = rep.read_record(key, &v).and_then(|rec| {
+        let read = rep.open_record(key, &v).and_then(|(rec, file)| {
             if !rec.embedded {
                 return Err(ReplicaError::Corrupt("its data is not embedded".into()));
             }
-            let data = rep.open_data(key, &v, &rec)?;
+            let data = rep.open_data(key, &v, &rec, file)?;
             record::read_all_verified(&data, &rec)?.map_err(ReplicaError::Corrupt)
         });
         match read {
@@ -939,17 +941,18 @@ impl Inner {
             return Ok((rec, e.id.clone()));
         }
         self.settle_for_read(key, id)?;
-        let (rec, id, ()) = self.read_version(key, id, |_, _, _| Ok(()))?;
+        let (rec, id, ()) = self.read_version(key, id, |_, _, _, _| Ok(()))?;
         Ok((rec, id))
     }
 
     /// Reads a version from the first replica that serves it verified, collecting the
-    /// replicas that are missing or fail verification. `read` runs on one replica's copy.
+    /// replicas that are missing or fail verification. `read` runs on one replica's copy,
+    /// given the record's file still open (see [`Replica::open_data`]).
     fn read_version<T>(
         self: &Arc<Self>,
         key: &str,
         id: Option<&str>,
-        read: impl Fn(&Replica, &VersionName, &MetaRecord) -> Result<T, ReplicaError>,
+        read: impl Fn(&Replica, &VersionName, &MetaRecord, RecordFile) -> Result<T, ReplicaError>,
     ) -> StoreResult<(MetaRecord, String, T)> {
         let Some((v, have)) = self.resolve(key, id)? else {
             return Err(StoreError::not_found(key));
@@ -966,11 +969,11 @@ impl Inner {
         let mut found = None;
         for &i in &have {
             let r = &self.replicas[i];
-            let result = r.read_record(key, &v).and_then(|rec| {
+            let result = r.open_record(key, &v).and_then(|(rec, file)| {
                 let out = if rec.deleted {
                     None
                 } else {
-                    Some(read(r, &v, &rec)?)
+                    Some(read(r, &v, &rec, file)?)
                 };
                 Ok((rec, out))
             });
@@ -1038,12 +1041,12 @@ impl Inner {
     /// Copies version `v` of `key` from replica `good` (verified in full first) onto `bad`.
     fn repair(&self, key: &str, v: &VersionName, good: usize, bad: &[usize]) -> io::Result<()> {
         let src = &self.replicas[good];
-        let rec = src
-            .read_record(key, v)
+        let (rec, file) = src
+            .open_record(key, v)
             .map_err(|e| io::Error::other(format!("source replica {good} is {e}")))?;
         let record_bytes = fs::read(src.record_path(key, v))?;
         if !v.deleted {
-            let data = src.open_data(key, v, &rec)?;
+            let data = src.open_data(key, v, &rec, file)?;
             if let Err(e) = record::verify_full(&data, &rec)? {
                 return Err(io::Error::other(format!(
                     "source replica {good} is corrupt: {e}"
@@ -1989,9 +1992,9 @@ impl Inner {
         let mut off = 0;
         while off < rec.size {
             let r = off..(off + STEP).min(rec.size);
-            let read = self.read_version(src, Some(src_id), |rep, v, rec| {
+            let read = self.read_version(src, Some(src_id), |rep, v, rec, file| {
                 let data = rep
-                    .open_data(src, v, rec)
+                    .open_data(src, v, rec, file)
                     .map_err(|e| replica_err(src, e))?;
                 record::read_verified(&data, rec, r.clone())?.map_err(ReplicaError::Corrupt)
             });
@@ -2015,7 +2018,7 @@ impl Inner {
     }
 
     fn head_latest(self: &Arc<Self>, key: &str, id: Option<&str>) -> StoreResult<ObjectInfo> {
-        let (rec, id, ()) = self.read_version(key, id, |_, _, _| Ok(()))?;
+        let (rec, id, ()) = self.read_version(key, id, |_, _, _, _| Ok(()))?;
         Ok(info_of(&rec, &id))
     }
 }
@@ -2448,14 +2451,16 @@ impl ObjectStore for LocalStore {
             // the replica damaged. One pass over the version, not a first one for the key:
             // each resolves the version and reads its record, which doubled a random read's
             // metadata calls.
-            let (rec, vid, read) = inner.read_version(&k, id.as_deref(), |rep, v, rec| {
+            let (rec, vid, read) = inner.read_version(&k, id.as_deref(), |rep, v, rec, file| {
                 let checked = sse::for_get(&k, rec.sse.as_ref(), &sse_req, inner.store_key());
                 let obj_key = match checked {
                     Ok(obj_key) => obj_key,
                     Err(e) => return Ok(Err(e)),
                 };
                 let r = clamp_range(range.clone(), rec.size);
-                let file = rep.open_data(&k, v, rec).map_err(|e| replica_err(&k, e))?;
+                let file = rep
+                    .open_data(&k, v, rec, file)
+                    .map_err(|e| replica_err(&k, e))?;
                 let data = record::read_verified_bytes(&file, rec, r.clone())?
                     .map_err(ReplicaError::Corrupt)?;
                 Ok(Ok((r, data, obj_key)))

@@ -121,10 +121,12 @@ pub fn encode_meta(rec: &MetaRecord) -> Vec<u8> {
 }
 
 pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
-    if bytes.len() < 12 || (&bytes[..4] != META_MAGIC && &bytes[..4] != EMBEDDED_MAGIC) {
+    let Some(len) = record_len(bytes)
+        .filter(|_| bytes.len() >= 12)
+        .map(|n| n - 12)
+    else {
         return Err("metadata record: bad magic or too short".into());
-    }
-    let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    };
     if len > MAX_META_RECORD || bytes.len() != 12 + len {
         return Err(format!(
             "metadata record: length {len} does not match file size {}",
@@ -157,8 +159,9 @@ pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
 
 /// Reads and verifies a `.m` file: the record, and that the file is as long as the record
 /// says (a record with embedded data is followed by exactly that data and its checksums,
-/// which [`read_verified_bytes`] and [`verify_full`] check).
-pub fn read_meta(file: &File) -> io::Result<Result<MetaRecord, String>> {
+/// which [`read_verified_bytes`] and [`verify_full`] check). Returns the record and its
+/// length, where embedded data starts.
+pub fn read_meta(file: &File) -> io::Result<Result<(MetaRecord, usize), String>> {
     let file_len = file.metadata()?.len();
     let mut buf = vec![0u8; (file_len as usize).min(FIRST_READ)];
     file.read_exact_at(&mut buf, 0)?;
@@ -171,7 +174,7 @@ pub fn read_meta(file: &File) -> io::Result<Result<MetaRecord, String>> {
         buf.resize(record_len, 0);
         file.read_exact_at(&mut buf[have..], have as u64)?;
     }
-    Ok(decode_record_file(&buf, file_len).map(|(rec, _)| rec))
+    Ok(decode_record_file(&buf, file_len))
 }
 
 /// Decodes the record at the start of a record file of `file_len` bytes, given the file's
@@ -209,19 +212,6 @@ fn record_len(bytes: &[u8]) -> Option<usize> {
         return None;
     }
     Some(12 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize)
-}
-
-/// Where in `file` a version's stored bytes start: 0 in a `.d` file, or right after the
-/// record in the `.m` file of an embedded version.
-pub fn data_offset(file: &File, rec: &MetaRecord) -> io::Result<u64> {
-    if !rec.embedded {
-        return Ok(0);
-    }
-    let mut head = [0u8; 8];
-    file.read_exact_at(&mut head, 0)?;
-    record_len(&head)
-        .map(|n| n as u64)
-        .ok_or_else(|| io::Error::other("metadata record: bad magic"))
 }
 
 /// What the stored bytes of `size` take with their block checksums.
@@ -295,13 +285,6 @@ pub struct StoredData {
 }
 
 impl StoredData {
-    /// The data of the version whose record is `rec`, in `file` (its `.d` file, or its
-    /// `.m` file if the data is embedded).
-    pub fn new(file: File, rec: &MetaRecord) -> io::Result<StoredData> {
-        let base = data_offset(&file, rec)?;
-        Ok(StoredData { file, base })
-    }
-
     /// Checks that the file holds exactly the stored bytes and checksums `rec` describes.
     fn check_len(&self, rec: &MetaRecord) -> io::Result<Result<(), String>> {
         let file_len = self.file.metadata()?.len();
@@ -428,21 +411,27 @@ pub fn verify_full(data: &StoredData, rec: &MetaRecord) -> io::Result<Result<(),
         sums.update(&buf[..n]);
         off += n as u64;
     }
-    let (table, digest, _) = sums.finish();
-    let mut stored = vec![0u8; table.len()];
+    let mut stored = vec![0u8; (stored_len(rec.size, bs) - rec.size) as usize];
     file.read_exact_at(&mut stored, at + rec.size)?;
-    if stored != table {
+    Ok(check_sums(sums, &stored, rec))
+}
+
+/// Compares the checksums computed over a version's bytes with the table stored after them
+/// and the record's BLAKE3 digest.
+fn check_sums(sums: DataChecksummer, stored_table: &[u8], rec: &MetaRecord) -> Result<(), String> {
+    let (table, digest, _) = sums.finish();
+    if stored_table != table {
         let bad = table
             .chunks(4)
-            .zip(stored.chunks(4))
+            .zip(stored_table.chunks(4))
             .position(|(a, b)| a != b)
             .unwrap_or(0);
-        return Ok(Err(format!("block {bad} checksum mismatch")));
+        return Err(format!("block {bad} checksum mismatch"));
     }
     if digest != rec.blake3 {
-        return Ok(Err("BLAKE3 digest mismatch".into()));
+        return Err("BLAKE3 digest mismatch".into());
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// A version's whole data as stored (the bytes, then their block checksums), verified in
@@ -476,14 +465,7 @@ pub fn verify_stored(stored: &[u8], rec: &MetaRecord) -> Result<(), String> {
     let (bytes, table) = stored.split_at(rec.size as usize);
     let mut sums = DataChecksummer::new(rec.block_size);
     sums.update(bytes);
-    let (want, digest, _) = sums.finish();
-    if want != table {
-        return Err("block checksum mismatch".into());
-    }
-    if digest != rec.blake3 {
-        return Err("BLAKE3 digest mismatch".into());
-    }
-    Ok(())
+    check_sums(sums, table, rec)
 }
 
 #[cfg(test)]
@@ -550,15 +532,14 @@ mod tests {
     fn golden_records_of_every_layout_still_read() {
         // A version with its own data file: every version before embedding.
         let (_d, m) = golden("local-record.m");
-        let rec = read_meta(&m).unwrap().unwrap();
+        let (rec, _) = read_meta(&m).unwrap().unwrap();
         assert_eq!(
             (rec.key.as_str(), rec.size, rec.embedded),
             ("docs/big.bin", 70_000, false)
         );
         assert_eq!(rec.metadata["coffer-mode"], "33188");
         let (_d2, d) = golden("local-record.d");
-        let data = StoredData::new(d, &rec).unwrap();
-        assert_eq!(data.base, 0);
+        let data = StoredData { file: d, base: 0 };
         verify_full(&data, &rec).unwrap().unwrap();
         let want: Vec<u8> = (0..70_000u64)
             .map(|i| ((i * 2_654_435_761) >> 13) as u8)
@@ -568,12 +549,15 @@ mod tests {
 
         // A small version embedded in its record's file.
         let (_d3, m) = golden("local-embedded.m");
-        let rec = read_meta(&m).unwrap().unwrap();
+        let (rec, len) = read_meta(&m).unwrap().unwrap();
         assert_eq!(
             (rec.key.as_str(), rec.size, rec.embedded),
             ("docs/small.txt", 14, true)
         );
-        let data = StoredData::new(m, &rec).unwrap();
+        let data = StoredData {
+            file: m,
+            base: len as u64,
+        };
         verify_full(&data, &rec).unwrap().unwrap();
         assert_eq!(
             read_verified(&data, &rec, 0..14).unwrap().unwrap(),
@@ -585,14 +569,14 @@ mod tests {
 
         // A delete marker.
         let (_d4, x) = golden("local-marker.x");
-        let rec = read_meta(&x).unwrap().unwrap();
+        let (rec, _) = read_meta(&x).unwrap().unwrap();
         assert!(rec.deleted && !rec.embedded && rec.key == "docs/gone");
 
         // This implementation writes the same bytes the second one did.
         for name in ["local-record.m", "local-embedded.m", "local-marker.x"] {
             let (_d, f) = golden(name);
             let all = std::fs::read(_d.path().join(name)).unwrap();
-            let rec = read_meta(&f).unwrap().unwrap();
+            let (rec, _) = read_meta(&f).unwrap().unwrap();
             let enc = encode_meta(&rec);
             assert_eq!(enc[..], all[..enc.len()], "{name}");
         }
@@ -606,8 +590,11 @@ mod tests {
         let check = |bytes: &[u8]| -> Result<(), String> {
             std::fs::write(&path, bytes).unwrap();
             let file = File::open(&path).unwrap();
-            let rec = read_meta(&file).unwrap()?;
-            let data = StoredData::new(file, &rec).unwrap();
+            let (rec, len) = read_meta(&file).unwrap()?;
+            let data = StoredData {
+                file,
+                base: len as u64,
+            };
             verify_full(&data, &rec).unwrap()?;
             read_verified(&data, &rec, 0..rec.size).unwrap()?;
             read_all_verified(&data, &rec).unwrap().map(|_| ())

@@ -51,6 +51,12 @@ impl std::fmt::Display for ReplicaError {
     }
 }
 
+/// A version's record file, open, and the length of the record at its start.
+pub struct RecordFile {
+    file: File,
+    len: usize,
+}
+
 /// A version as named in a `%v` directory.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct VersionName {
@@ -150,33 +156,48 @@ impl Replica {
         self.versions_dir(key).join(format!("{id}{DATA_SUFFIX}"))
     }
 
-    /// Opens the stored bytes of live version `v` (record `rec`): its `.d` file, or its
-    /// record's file when the data is embedded there.
-    pub fn open_data(
+    /// Reads and verifies the record of a version.
+    pub fn read_record(&self, key: &str, v: &VersionName) -> Result<MetaRecord, ReplicaError> {
+        self.open_record(key, v).map(|(rec, _)| rec)
+    }
+
+    /// [`Self::read_record`], keeping the record's file open for [`Self::open_data`]: an
+    /// embedded version's data is then read without opening the file again.
+    pub fn open_record(
         &self,
         key: &str,
         v: &VersionName,
-        rec: &MetaRecord,
-    ) -> io::Result<record::StoredData> {
-        let path = if rec.embedded {
-            self.record_path(key, v)
-        } else {
-            self.data_path(key, &v.id)
-        };
-        record::StoredData::new(File::open(path)?, rec)
-    }
-
-    /// Reads and verifies the record of a version.
-    pub fn read_record(&self, key: &str, v: &VersionName) -> Result<MetaRecord, ReplicaError> {
+    ) -> Result<(MetaRecord, RecordFile), ReplicaError> {
         let file = File::open(self.record_path(key, v))?;
-        let rec = record::read_meta(&file)?.map_err(ReplicaError::Corrupt)?;
+        let (rec, len) = record::read_meta(&file)?.map_err(ReplicaError::Corrupt)?;
         if rec.key != key || rec.deleted != v.deleted {
             return Err(ReplicaError::Corrupt(format!(
                 "record names key {:?} (deleted: {}), expected {key:?}",
                 rec.key, rec.deleted
             )));
         }
-        Ok(rec)
+        Ok((rec, RecordFile { file, len }))
+    }
+
+    /// The stored bytes of live version `v`, whose record `rec` was read from `record`: the
+    /// rest of that file when the data is embedded, else its `.d` file.
+    pub fn open_data(
+        &self,
+        key: &str,
+        v: &VersionName,
+        rec: &MetaRecord,
+        record: RecordFile,
+    ) -> io::Result<record::StoredData> {
+        if rec.embedded {
+            return Ok(record::StoredData {
+                file: record.file,
+                base: record.len as u64,
+            });
+        }
+        Ok(record::StoredData {
+            file: File::open(self.data_path(key, &v.id))?,
+            base: 0,
+        })
     }
 }
 

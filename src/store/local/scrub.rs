@@ -134,11 +134,11 @@ fn scrub_key(
     for r in inner.online() {
         let names = r.versions(key)?;
         for v in &names {
-            let status = r.read_record(key, v).and_then(|rec| {
+            let status = r.open_record(key, v).and_then(|(rec, file)| {
                 if v.deleted {
                     return Ok(0);
                 }
-                let data = r.open_data(key, v, &rec)?;
+                let data = r.open_data(key, v, &rec, file)?;
                 record::verify_full(&data, &rec)?.map_err(ReplicaError::Corrupt)?;
                 Ok(rec.size)
             });
