@@ -104,6 +104,17 @@ fn version_file(obj: &Path, ext: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no .{ext} file in {}", obj.display()))
 }
 
+/// Cuts the file at `path` to the length `to` chooses from its length.
+fn cut(path: &Path, to: impl FnOnce(u64) -> u64) {
+    let len = fs::metadata(path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(to(len))
+        .unwrap();
+}
+
 #[test]
 fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
     require_fuse();
@@ -136,14 +147,9 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         fs::write(random.join(format!("{id}.d")), &junk).unwrap();
         // A valid record with its data cut in half.
         copy_tree(&good, &objects.join("truncated"));
-        let d = version_file(&objects.join("truncated"), "d");
-        let len = fs::metadata(&d).unwrap().len();
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&d)
-            .unwrap()
-            .set_len(len / 2)
-            .unwrap();
+        cut(&version_file(&objects.join("truncated"), "d"), |len| {
+            len / 2
+        });
         // The data of one file under the record (wrapped key, checksums) of another.
         copy_tree(&good, &objects.join("swapped"));
         fs::copy(
@@ -185,14 +191,9 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
             "no data file beside the record"
         );
         copy_tree(&tiny, &objects.join("tiny-truncated"));
-        let m_file = version_file(&objects.join("tiny-truncated"), "m");
-        let len = fs::metadata(&m_file).unwrap().len();
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&m_file)
-            .unwrap()
-            .set_len(len - 6)
-            .unwrap();
+        cut(&version_file(&objects.join("tiny-truncated"), "m"), |len| {
+            len - 6
+        });
         copy_tree(&tiny, &objects.join("tiny-altered"));
         let m_file = version_file(&objects.join("tiny-altered"), "m");
         let mut b = fs::read(&m_file).unwrap();

@@ -70,6 +70,14 @@ fn version_files(root: &Path, key: &str, ext: &str) -> Vec<PathBuf> {
     v
 }
 
+/// Flips the bits `mask` of one byte of the file at `path`, chosen from its length.
+fn flip_byte(path: &Path, at: impl FnOnce(usize) -> usize, mask: u8) {
+    let mut bytes = fs::read(path).unwrap();
+    let i = at(bytes.len());
+    bytes[i] ^= mask;
+    fs::write(path, bytes).unwrap();
+}
+
 #[tokio::test]
 async fn memory_store_conforms() {
     store_suite::run_all(Arc::new(MemoryStore::new(true)), "").await;
@@ -109,9 +117,7 @@ async fn repair_on_read_fixes_a_missing_and_a_corrupt_replica() {
         fs::remove_file(f).unwrap();
     }
     let d1 = &version_files(&cfg.replicas[1], "repairme", "d")[0];
-    let mut bytes = fs::read(d1).unwrap();
-    bytes[1234] ^= 0x10;
-    fs::write(d1, bytes).unwrap();
+    flip_byte(d1, |_| 1234, 0x10);
 
     let got = s
         .get("repairme", Some(0..500_000), &GetOptions::default())
@@ -171,10 +177,7 @@ async fn small_versions_live_in_their_record_and_are_repaired_copied_and_scrubbe
     // from replica 2 and repairs both.
     fs::remove_file(&version_files(&cfg.replicas[0], "small", "m")[0]).unwrap();
     let m1 = &version_files(&cfg.replicas[1], "small", "m")[0];
-    let mut bytes = fs::read(m1).unwrap();
-    let n = bytes.len();
-    bytes[n - 100] ^= 0x08;
-    fs::write(m1, bytes).unwrap();
+    flip_byte(m1, |n| n - 100, 0x08);
     let got = s.get("small", None, &GetOptions::default()).await.unwrap();
     assert_eq!(&got.body[..], &small[..]);
     let part = s
@@ -225,10 +228,7 @@ async fn small_versions_live_in_their_record_and_are_repaired_copied_and_scrubbe
 
     // Scrub checks the embedded bytes in full: one damaged copy is found and repaired.
     let m2 = &version_files(&cfg.replicas[2], "moved/small", "m")[0];
-    let mut bytes = fs::read(m2).unwrap();
-    let n = bytes.len();
-    bytes[n - 10] ^= 0x01;
-    fs::write(m2, bytes).unwrap();
+    flip_byte(m2, |n| n - 10, 0x01);
     let report = scrub::scrub(&s, true, &mut |_, _| {}).unwrap();
     assert!(
         matches!(&report.damage[..], [Damage::Corrupt { key, replica: 2, .. }] if key == "moved/small"),
@@ -251,10 +251,7 @@ async fn a_copy_of_an_embedded_version_takes_its_bytes_from_a_good_replica() {
     // Replica 0's copy of the source is damaged; the rename's layout worker there must not
     // copy the damage into the new version.
     let m0 = &version_files(&cfg.replicas[0], "src", "m")[0];
-    let mut bytes = fs::read(m0).unwrap();
-    let n = bytes.len();
-    bytes[n - 50] ^= 0x02;
-    fs::write(m0, bytes).unwrap();
+    flip_byte(m0, |n| n - 50, 0x02);
     s.rename("src", "dst", &Default::default()).await.unwrap();
     s.checkpoint().unwrap();
     let files: Vec<Vec<u8>> = cfg
@@ -288,9 +285,7 @@ async fn all_replicas_corrupt_is_an_error_with_no_bytes() {
     s.checkpoint().unwrap();
     for r in &cfg.replicas {
         let f = &version_files(r, "doomed", "d")[0];
-        let mut b = fs::read(f).unwrap();
-        b[100_000] ^= 1;
-        fs::write(f, b).unwrap();
+        flip_byte(f, |_| 100_000, 1);
     }
     match s.get("doomed", None, &GetOptions::default()).await {
         Err(StoreError::Corrupt { key, detail }) => {
