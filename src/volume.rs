@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypt::keypair::KeyPair;
 use crate::crypt::keys::{KeyProvider, KeyRing, ProviderChain, RootKey};
 use crate::crypt::{Crypt, Mode};
+use crate::store::local::layout::VersionLayout;
 use crate::store::local::{LocalStore, LocalStoreConfig};
 use crate::store::names::{NameCipherStore, NameKey};
 use crate::store::s3::{S3Location, S3Options, S3Store};
@@ -77,6 +78,20 @@ pub struct LocalSection {
     /// Refuse writes without server-side encryption (a bucket policy's equivalent).
     #[serde(default)]
     pub require_encryption: bool,
+    /// Where the replicas keep a key's version files: `layout = "flat"` in stores made
+    /// since stop 30. A store made before has no such line, which reads as the nested
+    /// layout, and keeps it (the line is not written for it): an older coffer, which
+    /// knows no such field, refuses a flat store instead of finding it empty.
+    #[serde(default = "nested_layout", skip_serializing_if = "is_nested")]
+    pub layout: VersionLayout,
+}
+
+fn nested_layout() -> VersionLayout {
+    VersionLayout::Nested
+}
+
+fn is_nested(l: &VersionLayout) -> bool {
+    *l == VersionLayout::Nested
 }
 
 /// The store-held SSE-S3 key of a local store: in the store directory, apart from the
@@ -177,6 +192,7 @@ impl VolumeConfig {
             versioning: local.versioning,
             sse_store_key,
             require_encryption: local.require_encryption,
+            layout: local.layout,
         })
     }
 }
@@ -232,6 +248,7 @@ pub fn init_local(o: &InitLocal) -> Result<VolumeConfig> {
             replicas,
             versioning: o.versioning,
             require_encryption: false,
+            layout: VersionLayout::Flat,
         }),
     };
     // The SSE-S3 store key: random, kept beside the config and apart from the replicas.

@@ -97,7 +97,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// The single version's file with extension `ext` in an object directory.
 fn version_file(obj: &Path, ext: &str) -> PathBuf {
-    fs::read_dir(obj.join("%v"))
+    fs::read_dir(obj)
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|x| x == ext))
@@ -136,7 +136,7 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         let objects = s.replica(i).join("objects");
         let good = objects.join("good");
         // Random bytes as an object's record and data.
-        let random = objects.join("random/%v");
+        let random = objects.join("random");
         fs::create_dir_all(&random).unwrap();
         let junk: Vec<u8> = (0..5000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -186,7 +186,7 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         // was changed after the record.
         let tiny = objects.join("tiny");
         assert_eq!(
-            fs::read_dir(tiny.join("%v")).unwrap().count(),
+            fs::read_dir(&tiny).unwrap().count(),
             1,
             "no data file beside the record"
         );
@@ -257,7 +257,7 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
     };
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(
-        !outside.join("%v").exists() && fs::read_dir(&outside).unwrap().count() == 2,
+        fs::read_dir(&outside).unwrap().count() == 2,
         "a write went through the planted symlink"
     );
     // rsync copies the mount's symlinks as symlinks and never reaches what they point to.
@@ -278,12 +278,22 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
             .is_symlink()
     );
     // Removing everything through the mount leaves what the symlinks point to alone.
+    let listing = |d: &Path| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let planted = listing(&outside.join("planted"));
     let _ = sh(&format!("rm -rf '{}'/* || true", m.path.display()));
     assert_eq!(
         fs::read(outside.join("secret")).unwrap(),
         b"outside the store"
     );
-    assert!(outside.join("planted/%v").is_dir());
+    assert_eq!(listing(&outside.join("planted")), planted);
+    assert!(!planted.is_empty());
 
     let log = m.unmount();
     for name in ["random", "truncated", "swapped", "bigmeta"] {

@@ -251,7 +251,7 @@ async fn survives_a_power_cut(n: usize, versioning: bool) {
     // Without versioning, the replay's checkpoint left only the current versions.
     if !versioning {
         for (key, (b, _)) in &model {
-            let versions = fs::read_dir(cfg.replicas[0].join("objects").join(key).join("%v"))
+            let versions = fs::read_dir(cfg.replicas[0].join("objects").join(key))
                 .unwrap()
                 .count();
             assert_eq!(
@@ -539,7 +539,7 @@ async fn small_files_share_fdatasyncs_and_checkpoints_leave_no_journal() {
         // One version of every key is left.
         for t in 0..WRITERS {
             for i in 0..EACH {
-                let d = r.join("objects").join(format!("w{t}/f{i}/%v"));
+                let d = r.join("objects").join(format!("w{t}/f{i}"));
                 assert_eq!(
                     fs::read_dir(&d).unwrap().count(),
                     files_of_one_version(4096),
@@ -600,7 +600,7 @@ async fn the_background_checkpoint_runs_by_itself() {
     );
 }
 
-/// The files one live version of `len` bytes takes in its `%v` directory: its record, and
+/// The files one live version of `len` bytes takes in its key's directory: its record, and
 /// a data file unless the data is embedded in the record.
 fn files_of_one_version(len: usize) -> usize {
     if len as u64 <= coffer::store::local::record::EMBED_MAX {

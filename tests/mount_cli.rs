@@ -334,3 +334,198 @@ fn encrypted_names_round_trip_and_never_reach_the_replicas() {
     assert_trees_equal(&src, &m.p("tree"));
     m.unmount();
 }
+
+fn golden(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+/// The 100,000 bytes of `dir/large.bin` in the golden store.
+fn golden_large() -> Vec<u8> {
+    use sha2::Digest;
+    (0..3125)
+        .flat_map(|i: u32| sha2::Sha256::digest(i.to_string().as_bytes()).to_vec())
+        .collect()
+}
+
+/// Every file name under `dir`, recursively.
+fn file_names(dir: &Path, out: &mut Vec<String>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            file_names(&e.path(), out);
+        } else {
+            out.push(e.file_name().into_string().unwrap());
+        }
+    }
+}
+
+/// tests/golden/store-v29 is a store written by the coffer of stop 29 (two replicas, the
+/// nested `%v` layout, small versions embedded in their records): `coffer init`, then
+/// through a mount `small.txt` (its mtime set to 2020-01-02 03:04:05 UTC), `dir/large.bin`,
+/// `dir/sub/empty`, the symlink `link`, `overwritten` written twice, `deleted` written and
+/// removed, `before` renamed to `renamed` and chmod 600, and an unmount. This coffer reads
+/// all of it, lists its old versions and restores one, writes into it in the same layout,
+/// and scrubs it clean.
+#[test]
+fn a_store_written_by_an_earlier_coffer_reads_writes_and_keeps_its_layout() {
+    require_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(golden("store-v29"))
+        .arg(&store));
+    // The config names the replicas by absolute path, and git keeps no empty directories.
+    let toml = fs::read_to_string(store.join("coffer.toml")).unwrap();
+    assert!(!toml.contains("layout"), "{toml}");
+    fs::write(
+        store.join("coffer.toml"),
+        toml.replace("/tmp/gs/store", store.to_str().unwrap()),
+    )
+    .unwrap();
+    for r in 0..2 {
+        fs::create_dir_all(store.join(format!("replica-{r}/tmp"))).unwrap();
+    }
+    let key = dir.path().join("root.key");
+    fs::copy(golden("store-v29.key"), &key).unwrap();
+    for f in [&key, &store.join("sse-s3.key")] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let coffer = |args: &[&str]| run(Command::new(coffer_bin()).args(args).arg("--key").arg(&key));
+    let s = store.to_str().unwrap();
+    let versions = coffer(&["versions", s, "overwritten"]);
+    assert_eq!(versions.lines().count(), 4, "{versions}");
+    let deleted = coffer(&["versions", s, "deleted"]);
+    let gone = deleted
+        .lines()
+        .find(|l| l.contains(" 4  deleted"))
+        .unwrap_or_else(|| panic!("{deleted}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    coffer(&["restore", s, "deleted", &gone]);
+
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = Mount::start(&store, &mnt, &key, &[]);
+    let check_old = |m: &Mount| {
+        assert_eq!(fs::read(m.p("dir/large.bin")).unwrap(), golden_large());
+        assert_eq!(fs::read(m.p("dir/sub/empty")).unwrap(), b"");
+        assert_eq!(
+            fs::read_link(m.p("link")).unwrap(),
+            Path::new("dir/large.bin")
+        );
+        assert_eq!(fs::read(m.p("link")).unwrap(), golden_large());
+        assert_eq!(fs::read(m.p("renamed")).unwrap(), b"moved");
+        assert_eq!(
+            fs::metadata(m.p("renamed")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read(m.p("deleted")).unwrap(), b"gone");
+    };
+    check_old(&m);
+    assert_eq!(fs::read(m.p("small.txt")).unwrap(), b"a small file");
+    let mtime = fs::metadata(m.p("small.txt")).unwrap().modified().unwrap();
+    assert_eq!(
+        mtime
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        1_577_934_245
+    );
+    assert_eq!(fs::read(m.p("overwritten")).unwrap(), b"second");
+    let mut names: Vec<String> = fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "deleted",
+            "dir",
+            "link",
+            "overwritten",
+            "renamed",
+            "small.txt"
+        ]
+    );
+    // Writes of every kind into the old store.
+    fs::write(m.p("new.txt"), b"written now").unwrap();
+    fs::write(m.p("dir/new-large"), vec![8u8; 50_000]).unwrap();
+    fs::write(m.p("overwritten"), b"third").unwrap();
+    fs::rename(m.p("small.txt"), m.p("dir/sub/small.txt")).unwrap();
+    fs::create_dir(m.p("newdir")).unwrap();
+    m.unmount();
+
+    // They went where the nested layout puts them, and nothing in the flat one.
+    for r in 0..2 {
+        let objects = store.join(format!("replica-{r}/objects"));
+        for (key, files) in [
+            ("new.txt", 1),
+            ("dir/new-large", 2),
+            ("dir/sub/small.txt", 1),
+        ] {
+            let n = fs::read_dir(objects.join(key).join("%v")).unwrap().count();
+            assert_eq!(n, files, "{key} on replica {r}");
+        }
+        let mut all = Vec::new();
+        file_names(&objects, &mut all);
+        assert!(
+            all.iter().all(|n| !n.starts_with('%') || n == "%n"),
+            "{all:?}"
+        );
+    }
+    let report = run(Command::new(coffer_bin()).arg("scrub").arg(&store));
+    assert!(
+        report.contains("missing replicas: 0, corrupt replicas: 0, lost versions: 0"),
+        "{report}"
+    );
+    let m = Mount::start(&store, &mnt, &key, &[]);
+    check_old(&m);
+    assert_eq!(fs::read(m.p("new.txt")).unwrap(), b"written now");
+    assert_eq!(fs::read(m.p("dir/new-large")).unwrap(), vec![8u8; 50_000]);
+    assert_eq!(fs::read(m.p("overwritten")).unwrap(), b"third");
+    assert_eq!(fs::read(m.p("dir/sub/small.txt")).unwrap(), b"a small file");
+    assert!(!m.p("small.txt").exists());
+    assert!(m.p("newdir").is_dir());
+    m.unmount();
+    assert!(
+        !fs::read_to_string(store.join("coffer.toml"))
+            .unwrap()
+            .contains("layout"),
+        "the old store's config is left as it was"
+    );
+}
+
+/// A new store says that it is flat in its config (so that an older coffer refuses it
+/// rather than finding it empty) and keeps each version's files in its key's directory.
+#[test]
+fn a_new_store_is_flat_and_says_so() {
+    require_fuse();
+    let s = TestStore::new(1);
+    let toml = fs::read_to_string(s.store.join("coffer.toml")).unwrap();
+    assert!(toml.contains("layout = \"flat\""), "{toml}");
+    let m = s.mount();
+    fs::write(m.p("a"), b"small").unwrap();
+    fs::write(m.p("b"), vec![1u8; 40_000]).unwrap();
+    m.unmount();
+    let objects = s.replica(0).join("objects");
+    for (key, exts) in [("a", vec!["m"]), ("b", vec!["d", "m"])] {
+        let mut found: Vec<String> = fs::read_dir(objects.join(key))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        found.sort();
+        assert_eq!(found.len(), exts.len(), "{found:?}");
+        for (name, ext) in found.iter().zip(exts) {
+            assert!(
+                name.starts_with('%') && name.ends_with(&format!(".{ext}")),
+                "{name}"
+            );
+        }
+    }
+}

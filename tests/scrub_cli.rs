@@ -47,7 +47,7 @@ async fn scrub_finds_and_repairs_a_corruption_among_10000_objects() {
     drop(s);
     // Plant a corruption in one replica of one object. Small objects keep their data in
     // the record's file, after the record: "object 4257", then one block checksum.
-    let vdir = store.join("replica-1/objects/d7/obj04257/%v");
+    let vdir = store.join("replica-1/objects/d7/obj04257");
     let files: Vec<_> = fs::read_dir(&vdir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use coffer::store::local::layout::VersionLayout;
 use coffer::store::local::scrub::{self, Damage};
 use coffer::store::local::{LocalStore, LocalStoreConfig};
 use coffer::store::memory::MemoryStore;
@@ -58,7 +59,7 @@ fn new_store(dir: &Path, n: usize, versioning: bool) -> (LocalStore, LocalStoreC
 }
 
 fn version_files(root: &Path, key: &str, ext: &str) -> Vec<PathBuf> {
-    let dir = root.join("objects").join(key).join("%v");
+    let dir = root.join("objects").join(key);
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .map(|d| {
             d.map(|e| e.unwrap().path())
@@ -92,6 +93,106 @@ async fn local_store_conforms() {
     let d = tempfile::tempdir().unwrap();
     let (s, _) = new_store(d.path(), 1, false);
     store_suite::run_all(Arc::new(s), "x/").await;
+}
+
+/// Stores made before the flat layout keep their versions in `%v` directories, and go on
+/// doing so: the whole store suite on one, then where its files are, a prune, a replay of
+/// a killed process's journal and a scrub.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_in_the_nested_layout_conforms_and_stays_nested() {
+    for (n, versioning, prefix) in [(3, true, ""), (1, false, "x/")] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = LocalStoreConfig {
+            store_id: "nested".into(),
+            replicas: (0..n).map(|i| d.path().join(format!("r{i}"))).collect(),
+            versioning,
+            layout: VersionLayout::Nested,
+            ..Default::default()
+        };
+        LocalStore::init(&cfg).unwrap();
+        let s = LocalStore::open(&cfg).unwrap();
+        store_suite::run_all(Arc::new(s.clone()), prefix).await;
+        let large = vec![6u8; 100_000];
+        for (key, body) in [("n/small", b"small".to_vec()), ("n/large", large.clone())] {
+            for _ in 0..2 {
+                s.put(key, Bytes::from(body.clone()), &PutOptions::default())
+                    .await
+                    .unwrap();
+            }
+        }
+        s.copy("n/small", "n/copied", &Default::default())
+            .await
+            .unwrap();
+        s.delete("n/small").await.unwrap();
+        s.checkpoint().unwrap();
+        let versions = if versioning { 3 } else { 0 };
+        for r in &cfg.replicas {
+            let key_dir = |k: &str| r.join("objects/n").join(k);
+            for k in ["small", "large", "copied"] {
+                let names: Vec<String> = fs::read_dir(key_dir(k))
+                    .map(|d| {
+                        d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                assert!(names.is_empty() || names == ["%v"], "{k}: {names:?}");
+            }
+            let files = |k: &str| -> Vec<String> {
+                let mut v: Vec<String> = fs::read_dir(key_dir(k).join("%v"))
+                    .map(|d| {
+                        d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                v.sort();
+                v
+            };
+            assert!(files("large").iter().all(|f| !f.starts_with('%')));
+            assert_eq!(files("large").len(), if versioning { 4 } else { 2 });
+            assert_eq!(files("copied").len(), 1, "{:?}", files("copied"));
+            assert_eq!(files("small").len(), versions, "{:?}", files("small"));
+        }
+        assert_eq!(
+            &s.get("n/copied", None, &GetOptions::default())
+                .await
+                .unwrap()
+                .body[..],
+            b"small"
+        );
+        // A killed process's journal replays into the same layout.
+        s.put(
+            "n/late",
+            Bytes::from_static(b"late"),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+        s.abandon();
+        let s = LocalStore::open(&cfg).unwrap();
+        assert!(cfg.replicas[0].join("objects/n/late/%v").is_dir());
+        assert_eq!(
+            &s.get("n/late", None, &GetOptions::default())
+                .await
+                .unwrap()
+                .body[..],
+            b"late"
+        );
+        if versioning {
+            assert_eq!(s.prune_versions("n/", 1, None).await.unwrap(), 4);
+            assert!(!cfg.replicas[0].join("objects/n/small").exists());
+        }
+        let listed = s
+            .list(&ListRequest {
+                prefix: "n/".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let keys: Vec<&str> = listed.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["n/copied", "n/large", "n/late"]);
+        let report = scrub::scrub(&s, false, &mut |_, _| {}).unwrap();
+        assert!(report.damage.is_empty(), "{:?}", report.damage);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,9 +267,7 @@ async fn small_versions_live_in_their_record_and_are_repaired_copied_and_scrubbe
     // One file per version up to the limit, a record and a data file past it.
     for r in &cfg.replicas {
         for (key, files) in [("small", 1), ("edge", 1), ("over", 2)] {
-            let n = fs::read_dir(r.join("objects").join(key).join("%v"))
-                .unwrap()
-                .count();
+            let n = fs::read_dir(r.join("objects").join(key)).unwrap().count();
             assert_eq!(n, files, "{key} in {}", r.display());
         }
     }
@@ -763,6 +862,7 @@ async fn sse_s3_and_the_encryption_policy() {
         versioning: false,
         sse_store_key: Some(coffer::store::SseCustomerKey::new([0x33; 32])),
         require_encryption: true,
+        ..Default::default()
     };
     LocalStore::init(&cfg).unwrap();
     let s = LocalStore::open(&cfg).unwrap();

@@ -718,10 +718,11 @@ fn sh_count_versions(dir: &Path) -> usize {
     };
     entries
         .filter_map(|e| {
-            let v = e.ok()?.path().join("%v");
-            let mut names: Vec<String> = fs::read_dir(v)
+            // A key's records are `%<version>.m` (live) and `.x` (deleted) in its directory.
+            let mut names: Vec<String> = fs::read_dir(e.ok()?.path())
                 .ok()?
                 .filter_map(|x| x.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with('%') && (n.ends_with(".m") || n.ends_with(".x")))
                 .collect();
             names.sort();
             names.last().filter(|n| !n.ends_with(".x")).map(|_| ())

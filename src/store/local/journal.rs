@@ -1,7 +1,7 @@
 //! Group commit for the local store: one fdatasync makes many small writes durable.
 //!
 //! Without it, a put of a small file costs about five fsyncs on every replica (the data
-//! file, the record, the `%v` directory and any new key directories), and a rename or an
+//! file, the record, the versions directory and any new key directories), and a rename or an
 //! attribute update three: backups of many small files were bound by them.
 //!
 //! With it, a small put, a copy (rename, attribute update, restore) and a delete marker are

@@ -2,24 +2,83 @@
 //!
 //! Each `/`-separated component of a key is a directory, so that a listing with a delimiter
 //! reads one directory and a prefix never needs a scan of the whole store. The versions of
-//! the object whose key ends at a component live in that component's `%v` directory:
+//! the object whose key ends at a component live in that component's directory, named
+//! after the version with a leading `%` ([`VersionLayout::Flat`]):
 //!
 //! ```text
-//! objects/photos/2024/a.jpg/%v/<version>.m   metadata record (the commit point)
-//! objects/photos/2024/a.jpg/%v/<version>.d   data and its block checksums
+//! objects/photos/2024/a.jpg/%<version>.m   metadata record (the commit point)
+//! objects/photos/2024/a.jpg/%<version>.d   data and its block checksums
 //! ```
 //!
-//! Components are escaped so that no key can name `%v`, `%n`, `.` or `..`: a component that is
-//! empty, or starts with `%` or `.`, gets a leading `%`. A component whose escaped form is
-//! longer than a file name may be (255 bytes) is stored under `%#` and a hash, with its real
-//! name in a `%n` file inside.
+//! Stores made before that layout keep them one level down, in a `%v` directory and without
+//! the `%` ([`VersionLayout::Nested`]): `objects/photos/2024/a.jpg/%v/<version>.m`.
+//!
+//! Components are escaped so that no key can name `%v`, `%n`, `.`, `..` or a version file: a
+//! component that is empty, or starts with `%` or `.`, gets a leading `%`, so that an escaped
+//! name with a leading `%` goes on with `%`, `.` or nothing, where a version file's goes on
+//! with a hexadecimal digit. A component whose escaped form is longer than a file name may be
+//! (255 bytes) is stored under `%#` and a hash, with its real name in a `%n` file inside.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// The directory holding the versions of an object.
+use super::replica::{DATA_SUFFIX, DELETE_SUFFIX, META_SUFFIX};
+
+/// The directory holding the versions of an object, in [`VersionLayout::Nested`] stores.
 pub const VERSIONS_DIR: &str = "%v";
+/// The prefix of a version's file names in [`VersionLayout::Flat`] stores.
+const FLAT_PREFIX: char = '%';
+
+/// Where a replica keeps the version files of a key (fixed when the store is made, and
+/// written in its `coffer.toml`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionLayout {
+    /// In the key's `%v` directory, as `<version>.m`: stores made before stop 30.
+    Nested,
+    /// In the key's own directory, as `%<version>.m`: one directory fewer per key, which a
+    /// cold read or listing of small files otherwise pays a disk read for.
+    #[default]
+    Flat,
+}
+
+impl VersionLayout {
+    /// The file name of version `id` with `suffix` (`.m`, `.x` or `.d`).
+    pub fn file_name(self, id: &str, suffix: &str) -> String {
+        match self {
+            VersionLayout::Nested => format!("{id}{suffix}"),
+            VersionLayout::Flat => format!("{FLAT_PREFIX}{id}{suffix}"),
+        }
+    }
+
+    /// The version id and suffix (`.m`, `.x` or `.d`) a name in a versions directory gives,
+    /// or `None` for names that are no version file. In the flat layout the id must be
+    /// lowercase hexadecimal, as every id this store makes is: that is what keeps a
+    /// version file apart from an escaped key component in the same directory.
+    pub fn parse_file_name(self, name: &str) -> Option<(&str, &'static str)> {
+        let rest = match self {
+            VersionLayout::Nested => name,
+            VersionLayout::Flat => name.strip_prefix(FLAT_PREFIX)?,
+        };
+        let (id, suffix) = [META_SUFFIX, DELETE_SUFFIX, DATA_SUFFIX]
+            .into_iter()
+            .find_map(|s| rest.strip_suffix(s).map(|id| (id, s)))?;
+        let hex = !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        (self == VersionLayout::Nested || hex).then_some((id, suffix))
+    }
+
+    /// The directory of `key`'s versions, given the key's own directory.
+    pub fn versions_dir(self, key_dir: PathBuf) -> PathBuf {
+        match self {
+            VersionLayout::Nested => key_dir.join(VERSIONS_DIR),
+            VersionLayout::Flat => key_dir,
+        }
+    }
+}
 /// The file holding the real name of a hashed (long) component.
 pub const NAME_FILE: &str = "%n";
 const HASHED_PREFIX: &str = "%#";
@@ -129,26 +188,32 @@ pub enum DirSync {
     Replay,
 }
 
-/// Creates the directories of a key, writing `%n` files for hashed components and, with
-/// [`DirSync::Now`], fsyncing each new directory's parent so that the new entries are
-/// durable.
-pub fn create_key_dirs(objects: &Path, key: &str) -> io::Result<PathBuf> {
-    create_key_dirs_with(objects, key, DirSync::Now)
-}
-
-/// [`create_key_dirs`] with a choice of durability. A directory removed by a concurrent
-/// prune of an emptied neighbour between two steps is created again.
-pub fn create_key_dirs_with(objects: &Path, key: &str, sync: DirSync) -> io::Result<PathBuf> {
+/// Creates the directories of a key (and, in the nested layout, its `%v` directory),
+/// writing `%n` files for hashed components and, with [`DirSync::Now`], fsyncing each new
+/// directory's parent so that the new entries are durable. Returns the directory the
+/// key's version files go in. A directory removed by a concurrent prune of an emptied
+/// neighbour between two steps is created again.
+pub fn create_key_dirs(
+    objects: &Path,
+    key: &str,
+    sync: DirSync,
+    versions: VersionLayout,
+) -> io::Result<PathBuf> {
     let mut attempt = 0;
     loop {
-        match try_create_key_dirs(objects, key, sync) {
+        match try_create_key_dirs(objects, key, sync, versions) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 8 => attempt += 1,
             other => return other,
         }
     }
 }
 
-fn try_create_key_dirs(objects: &Path, key: &str, sync: DirSync) -> io::Result<PathBuf> {
+fn try_create_key_dirs(
+    objects: &Path,
+    key: &str,
+    sync: DirSync,
+    versions_layout: VersionLayout,
+) -> io::Result<PathBuf> {
     let durable = sync == DirSync::Now;
     let mut p = objects.to_path_buf();
     for c in key.split('/') {
@@ -177,6 +242,9 @@ fn try_create_key_dirs(objects: &Path, key: &str, sync: DirSync) -> io::Result<P
             Err(e) => return Err(e),
         }
     }
+    if versions_layout == VersionLayout::Flat {
+        return Ok(p);
+    }
     let versions = p.join(VERSIONS_DIR);
     match fs::create_dir(&versions) {
         Ok(()) if durable => super::durable::sync_dir(&p)?,
@@ -190,13 +258,10 @@ fn try_create_key_dirs(objects: &Path, key: &str, sync: DirSync) -> io::Result<P
 /// Checks, without creating anything, that [`create_key_dirs`] would find only directories
 /// of the store's own where `key`'s directories already exist: what a write must know
 /// before it is acknowledged when its layout files are written afterwards.
-pub fn check_key_dirs(objects: &Path, key: &str) -> io::Result<()> {
+pub fn check_key_dirs(objects: &Path, key: &str, versions: VersionLayout) -> io::Result<()> {
     let mut p = objects.to_path_buf();
-    for name in key
-        .split('/')
-        .map(escape_component)
-        .chain([VERSIONS_DIR.to_string()])
-    {
+    let nested = (versions == VersionLayout::Nested).then(|| VERSIONS_DIR.to_string());
+    for name in key.split('/').map(escape_component).chain(nested) {
         p.push(&name);
         match is_dir_nofollow(&p) {
             Ok(true) => {}
@@ -285,6 +350,43 @@ mod tests {
     }
 
     #[test]
+    fn no_key_component_reads_as_a_flat_version_file() {
+        let flat = VersionLayout::Flat;
+        let id = "18ef0ecbc6a08c0412345678";
+        for suffix in [".m", ".x", ".d"] {
+            assert_eq!(
+                flat.parse_file_name(&flat.file_name(id, suffix)),
+                Some((id, suffix))
+            );
+            let nested = VersionLayout::Nested;
+            assert_eq!(
+                nested.parse_file_name(&nested.file_name(id, suffix)),
+                Some((id, suffix))
+            );
+            // Components that look like version files, escaped, are none.
+            for c in [
+                format!("%{id}{suffix}"),
+                format!("{id}{suffix}"),
+                format!("%%{id}{suffix}"),
+                format!(".{id}{suffix}"),
+                suffix.to_string(),
+                format!("%{suffix}"),
+            ] {
+                let e = escape_component(&c);
+                assert_eq!(flat.parse_file_name(&e), None, "{c:?} escapes to {e:?}");
+                assert_eq!(unescape_component(&e).as_deref(), Some(c.as_str()));
+            }
+        }
+        for name in [
+            "%v", "%n", "%.m", "%G1.m", "%1A.m", "%1.dd", "%#ab.m", "%%1.m",
+        ] {
+            assert_eq!(flat.parse_file_name(name), None, "{name}");
+        }
+        // And no version file reads as a key component.
+        assert_eq!(unescape_component(&flat.file_name(id, ".m")), None);
+    }
+
+    #[test]
     fn long_components_are_hashed() {
         let long = "x".repeat(255);
         assert_eq!(escape_component(&long), long);
@@ -330,7 +432,9 @@ mod tests {
         let missing = is_dir_nofollow(&dir.path().join("missing")).unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
         assert!(refuse_non_dir(&link).is_err());
-        assert!(check_key_dirs(dir.path(), "link/x").is_err());
-        assert!(check_key_dirs(dir.path(), "d/x").is_ok());
+        for l in [VersionLayout::Nested, VersionLayout::Flat] {
+            assert!(check_key_dirs(dir.path(), "link/x", l).is_err());
+            assert!(check_key_dirs(dir.path(), "d/x", l).is_ok());
+        }
     }
 }

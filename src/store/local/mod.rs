@@ -3,9 +3,11 @@
 //!
 //! Layout, record format and the write protocol are described in `docs/DESIGN.md`; in short:
 //! the data of a put streams into a temporary file in each replica's `tmp/`, is fsync'd and
-//! renamed into the key's `%v/` directory as `<version>.d`; then the metadata record
-//! `<version>.m`, the commit point, is written the same way, and the `%v/` directory is
-//! fsync'd. A version is visible only once its record is; a put that fails on any replica
+//! renamed into the key's directory as `%<version>.d`; then the metadata record
+//! `%<version>.m`, the commit point, is written the same way, and the directory is
+//! fsync'd (stores made before stop 30 keep these files in a `%v/` directory below,
+//! [`layout::VersionLayout`]). Small versions written through the [`journal`] have no
+//! `.d` file: their data follows the record in its file. A version is visible only once its record is; a put that fails on any replica
 //! removes what it committed on the others, so the previous version stays the latest
 //! everywhere. Reads take the newest version any replica has, verify every block they
 //! return, and repair replicas that lack the version or fail verification from a good one.
@@ -14,6 +16,7 @@ mod apply;
 pub mod direct;
 pub mod durable;
 pub mod journal;
+mod key_dir;
 pub mod layout;
 pub mod record;
 pub mod replica;
@@ -42,6 +45,7 @@ use super::{
 };
 use apply::{ApplyQueue, Job, Wake};
 use journal::{EntryData, EntryRef, Journal, SegmentHold};
+use key_dir::{key_dir_contents, listable_component, walk};
 use layout::DirSync;
 use record::{BLOCK_SIZE, DataChecksummer, MetaRecord};
 use replica::{
@@ -58,6 +62,9 @@ pub struct LocalStoreConfig {
     pub sse_store_key: Option<super::SseCustomerKey>,
     /// Refuse puts without server-side encryption, like a bucket policy denying them.
     pub require_encryption: bool,
+    /// Where the replicas keep a key's version files (the flat layout unless the store
+    /// was made before it).
+    pub layout: layout::VersionLayout,
 }
 
 /// The local N-replica store. Cheap to clone; dropping the last clone closes it.
@@ -158,7 +165,7 @@ impl LocalStore {
     /// Creates the replica directories of a new store.
     pub fn init(cfg: &LocalStoreConfig) -> io::Result<()> {
         for (i, root) in cfg.replicas.iter().enumerate() {
-            let r = Replica::new(i, root.clone());
+            let r = Replica::new(i, root.clone(), cfg.layout);
             if r.root.join(replica::MARKER_FILE).exists() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -175,7 +182,7 @@ impl LocalStore {
     pub fn open(cfg: &LocalStoreConfig) -> StoreResult<LocalStore> {
         let mut replicas = Vec::new();
         for (i, root) in cfg.replicas.iter().enumerate() {
-            let mut r = Replica::new(i, root.clone());
+            let mut r = Replica::new(i, root.clone(), cfg.layout);
             if let Err(e) = r.check_marker(&cfg.store_id) {
                 tracing::error!("replica {i} is offline: {e}");
                 r.online = false;
@@ -809,8 +816,8 @@ impl Inner {
             self.injected(*i)?;
             f.finish(&table)?;
             let _locked = self.key_lock(*i, &key);
-            let dir = layout::create_key_dirs(&r.objects, &key)?;
-            fs::rename(tmp_path, dir.join(format!("{id}{DATA_SUFFIX}")))?;
+            let dir = r.create_key_dirs(&key, DirSync::Now)?;
+            fs::rename(tmp_path, dir.join(r.layout.file_name(&id, DATA_SUFFIX)))?;
             self.write_record(r, &dir, &v, &meta_bytes)
         });
         let errors = failures(results, files.iter().map(|(i, _, _)| *i));
@@ -819,7 +826,8 @@ impl Inner {
         Ok(info_of(&rec, &id))
     }
 
-    /// Writes a version's record into `dir` (a `%v` directory) via `tmp/`, then fsyncs `dir`.
+    /// Writes a version's record into `dir` (its key's versions directory on `r`) via
+    /// `tmp/`, then fsyncs `dir`.
     fn write_record(
         &self,
         r: &Replica,
@@ -834,7 +842,7 @@ impl Inner {
         };
         let tmp = r.tmp.join(format!("{}-{:08x}{suffix}", v.id, random_u32()));
         durable::write_file_synced(&tmp, bytes)?;
-        fs::rename(&tmp, dir.join(format!("{}{suffix}", v.id)))?;
+        fs::rename(&tmp, dir.join(r.layout.file_name(&v.id, suffix)))?;
         durable::sync_dir(dir)
     }
 
@@ -1055,7 +1063,7 @@ impl Inner {
         }
         for &i in bad {
             let dst = &self.replicas[i];
-            let dir = layout::create_key_dirs(&dst.objects, key)?;
+            let dir = dst.create_key_dirs(key, DirSync::Now)?;
             // An embedded version's data is in `record_bytes`, read whole above.
             if !v.deleted && !rec.embedded {
                 let tmp = dst
@@ -1071,7 +1079,7 @@ impl Inner {
                     io::copy(&mut from, &mut to)?;
                     to.sync_all()?;
                 }
-                fs::rename(&tmp, dir.join(format!("{}{DATA_SUFFIX}", v.id)))?;
+                fs::rename(&tmp, dir.join(dst.layout.file_name(&v.id, DATA_SUFFIX)))?;
             }
             self.write_record(dst, &dir, v, &record_bytes)?;
         }
@@ -1193,7 +1201,7 @@ impl Inner {
             // What would refuse the layout files is refused now, while the caller can be
             // told.
             for write in writes {
-                layout::check_key_dirs(&r.objects, write.key)?;
+                layout::check_key_dirs(&r.objects, write.key, r.layout)?;
             }
             if deferred {
                 w.log_deferred(r.index, &entries).map(Some)
@@ -1553,8 +1561,8 @@ impl Inner {
         layout: &Layout<'_>,
         replicas: &[&Replica],
     ) -> io::Result<()> {
-        let dir = layout::create_key_dirs_with(&r.objects, key, DirSync::Later)?;
-        let target = dir.join(format!("{}{DATA_SUFFIX}", v.id));
+        let dir = r.create_key_dirs(key, DirSync::Later)?;
+        let target = dir.join(r.layout.file_name(&v.id, DATA_SUFFIX));
         let embedded = record::is_embedded(record);
         let mut copied = Vec::new();
         match layout {
@@ -1619,7 +1627,7 @@ impl Inner {
                 _ => f.write_all(record)?,
             }
         }
-        fs::rename(&tmp, dir.join(format!("{}{suffix}", v.id)))
+        fs::rename(&tmp, dir.join(r.layout.file_name(&v.id, suffix)))
     }
 
     /// Starts the background checkpoint if none is waiting: it runs once the oldest work
@@ -1763,8 +1771,8 @@ impl Inner {
             id: e.id.clone(),
             deleted,
         };
-        let dir = layout::create_key_dirs_with(&r.objects, &e.key, DirSync::Replay)?;
-        let data_path = dir.join(format!("{}{DATA_SUFFIX}", e.id));
+        let dir = r.create_key_dirs(&e.key, DirSync::Replay)?;
+        let data_path = dir.join(r.layout.file_name(&e.id, DATA_SUFFIX));
         let mut changed = false;
         let record_path = r.record_path(&e.key, &v);
         // An embedded version's record file holds its data too.
@@ -1876,7 +1884,7 @@ impl Inner {
                 if sync {
                     durable::sync_dir(&dir)?;
                 }
-                remove_empty_dirs(&r.objects, key, sync);
+                remove_empty_dirs(r, key, sync);
             }
         }
         Ok(removed.len())
@@ -1900,7 +1908,7 @@ impl Inner {
         let mut keys = BTreeSet::new();
         for r in self.online() {
             let (dir, base, partial) = layout::prefix_dir(&r.objects, prefix);
-            walk(&dir, &base, Some(&partial), &mut |key, latest| {
+            walk(&dir, &base, Some(&partial), r.layout, &mut |key, latest| {
                 if with_deleted || latest.is_some_and(|v| !v.deleted) {
                     keys.insert(key);
                 }
@@ -1927,7 +1935,7 @@ impl Inner {
     fn list_level(self: &Arc<Self>, prefix: &str) -> StoreResult<BTreeMap<String, (bool, bool)>> {
         // The names first (one directory read per replica), then what each entry holds, on
         // the listing pool: a few small reads per entry, each a wait on the disk when cold.
-        let mut found: Vec<(String, PathBuf)> = Vec::new();
+        let mut found: Vec<(String, PathBuf, layout::VersionLayout)> = Vec::new();
         for r in self.online() {
             let (dir, base, partial) = layout::prefix_dir(&r.objects, prefix);
             let entries = match fs::read_dir(&dir) {
@@ -1937,23 +1945,24 @@ impl Inner {
             };
             for entry in entries {
                 let entry = entry.map_err(|e| StoreError::io(prefix, "listing", e))?;
-                let name = entry.file_name();
-                let Some(comp) = listable_component(&dir, &entry, &name)
+                let Some(comp) = listable_component(&dir, &entry, r.layout)
                     .map_err(|e| StoreError::io(prefix, "listing", e))?
                 else {
                     continue;
                 };
                 if comp.starts_with(&partial) {
-                    found.push((format!("{base}{comp}"), entry.path()));
+                    found.push((format!("{base}{comp}"), entry.path(), r.layout));
                 }
             }
         }
-        let held: Vec<(bool, bool)> = on_listing_pool(&found, |(_, path)| key_dir_contents(path))
-            .into_iter()
-            .collect::<io::Result<_>>()
-            .map_err(|e| StoreError::io(prefix, "listing", e))?;
+        let held: Vec<(bool, bool)> = on_listing_pool(&found, |(_, path, versions)| {
+            key_dir_contents(path, *versions)
+        })
+        .into_iter()
+        .collect::<io::Result<_>>()
+        .map_err(|e| StoreError::io(prefix, "listing", e))?;
         let mut out: BTreeMap<String, (bool, bool)> = BTreeMap::new();
-        for ((key, _), (has_versions, subtree)) in found.into_iter().zip(held) {
+        for ((key, _, _), (has_versions, subtree)) in found.into_iter().zip(held) {
             let slot = out.entry(key).or_default();
             slot.0 |= has_versions;
             slot.1 |= subtree;
@@ -2192,121 +2201,14 @@ fn validate_key(key: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// What a key's directory holds: whether it has versions of its own (a `.versions`
-/// directory), and whether any key below it has a live newest version. One read of the
-/// directory answers both.
-fn key_dir_contents(dir: &Path) -> io::Result<(bool, bool)> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
-        {
-            return Ok((false, false));
-        }
-        Err(e) => return Err(e),
-    };
-    let mut has_versions = false;
-    let mut subtree = false;
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name == layout::VERSIONS_DIR {
-            has_versions |= entry.file_type()?.is_dir();
-            continue;
-        }
-        if subtree || name == layout::NAME_FILE || !entry.file_type()?.is_dir() {
-            continue;
-        }
-        let path = entry.path();
-        let versions = replica::versions_in(&path.join(layout::VERSIONS_DIR))?;
-        subtree = versions.last().is_some_and(|v| !v.deleted) || key_dir_contents(&path)?.1;
-    }
-    Ok((has_versions, subtree))
-}
-
-/// The key component of a replica directory entry, or `None` for entries no key maps to:
-/// the store's own files, and what something else planted there (names that are not UTF-8,
-/// symlinks, plain files, damaged long-name files), which is skipped with a warning rather
-/// than followed or allowed to fail the whole listing.
-fn listable_component(
-    dir: &Path,
-    entry: &fs::DirEntry,
-    name: &std::ffi::OsStr,
-) -> io::Result<Option<String>> {
-    let Some(name) = name.to_str() else {
-        warn!(
-            "{}: skipping an entry whose name is not UTF-8",
-            entry.path().display()
-        );
-        return Ok(None);
-    };
-    if name == layout::VERSIONS_DIR || name == layout::NAME_FILE {
-        return Ok(None);
-    }
-    if !layout::is_real_dir(entry)? {
-        warn!(
-            "{}: skipping an entry that is not a directory of the store",
-            entry.path().display()
-        );
-        return Ok(None);
-    }
-    match layout::component_of(dir, name) {
-        Ok(c) => Ok(c),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::InvalidData | io::ErrorKind::NotFound
-            ) =>
-        {
-            warn!(
-                "{}: skipping a damaged long name: {e}",
-                entry.path().display()
-            );
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Walks a replica's directory tree below `dir` (whose key prefix is `base`), calling `f`
-/// with each key that has versions and its newest version. `partial` filters the first level.
-fn walk(
-    dir: &Path,
-    base: &str,
-    partial: Option<&str>,
-    f: &mut dyn FnMut(String, Option<&VersionName>),
-) -> io::Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(comp) = listable_component(dir, &entry, &name)? else {
-            continue;
-        };
-        if partial.is_some_and(|p| !comp.starts_with(p)) {
-            continue;
-        }
-        let key = format!("{base}{comp}");
-        let path = entry.path();
-        let versions = replica::versions_in(&path.join(layout::VERSIONS_DIR))?;
-        if !versions.is_empty() {
-            f(key.clone(), versions.last());
-        }
-        walk(&path, &format!("{key}/"), None, f)?;
-    }
-    Ok(())
-}
-
 /// Removes the now-empty directories of a key, bottom up (best effort).
-fn remove_empty_dirs(objects: &Path, key: &str, sync: bool) {
+fn remove_empty_dirs(r: &Replica, key: &str, sync: bool) {
+    let objects = &r.objects;
     let mut dir = layout::key_dir(objects, key);
-    let _ = fs::remove_dir(dir.join(layout::VERSIONS_DIR));
-    while dir != objects && dir.starts_with(objects) {
+    if r.layout == layout::VersionLayout::Nested {
+        let _ = fs::remove_dir(dir.join(layout::VERSIONS_DIR));
+    }
+    while dir != *objects && dir.starts_with(objects) {
         if layout::is_hashed(dir.file_name().and_then(|n| n.to_str()).unwrap_or(""))
             && fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 1
         {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::layout::{self, VERSIONS_DIR};
+use super::layout::{self, DirSync, VersionLayout};
 use super::record::{self, MetaRecord};
 
 pub const MARKER_FILE: &str = "replica.json";
@@ -57,7 +57,7 @@ pub struct RecordFile {
     len: usize,
 }
 
-/// A version as named in a `%v` directory.
+/// A version as named in a key's versions directory.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct VersionName {
     pub id: String,
@@ -71,16 +71,19 @@ pub struct Replica {
     pub tmp: PathBuf,
     /// False when the replica directory is missing or not this store's (a disk not mounted).
     pub online: bool,
+    /// Where the version files of a key are.
+    pub layout: VersionLayout,
 }
 
 impl Replica {
-    pub fn new(index: usize, root: PathBuf) -> Replica {
+    pub fn new(index: usize, root: PathBuf, layout: VersionLayout) -> Replica {
         Replica {
             index,
             objects: root.join("objects"),
             tmp: root.join("tmp"),
             root,
             online: true,
+            layout,
         }
     }
 
@@ -134,13 +137,21 @@ impl Replica {
         Ok(n)
     }
 
+    /// The directory holding `key`'s version files.
     pub fn versions_dir(&self, key: &str) -> PathBuf {
-        layout::key_dir(&self.objects, key).join(VERSIONS_DIR)
+        self.layout
+            .versions_dir(layout::key_dir(&self.objects, key))
+    }
+
+    /// Creates `key`'s directories (see [`layout::create_key_dirs`]) and returns its
+    /// versions directory.
+    pub fn create_key_dirs(&self, key: &str, sync: DirSync) -> io::Result<PathBuf> {
+        layout::create_key_dirs(&self.objects, key, sync, self.layout)
     }
 
     /// Every version of `key` on this replica, oldest first.
     pub fn versions(&self, key: &str) -> io::Result<Vec<VersionName>> {
-        versions_in(&self.versions_dir(key))
+        versions_in(&self.versions_dir(key), self.layout)
     }
 
     pub fn record_path(&self, key: &str, v: &VersionName) -> PathBuf {
@@ -149,11 +160,13 @@ impl Replica {
         } else {
             META_SUFFIX
         };
-        self.versions_dir(key).join(format!("{}{suffix}", v.id))
+        self.versions_dir(key)
+            .join(self.layout.file_name(&v.id, suffix))
     }
 
     pub fn data_path(&self, key: &str, id: &str) -> PathBuf {
-        self.versions_dir(key).join(format!("{id}{DATA_SUFFIX}"))
+        self.versions_dir(key)
+            .join(self.layout.file_name(id, DATA_SUFFIX))
     }
 
     /// Reads and verifies the record of a version.
@@ -201,8 +214,8 @@ impl Replica {
     }
 }
 
-/// The versions named in a `%v` directory, oldest first. A missing directory has none.
-pub fn versions_in(dir: &Path) -> io::Result<Vec<VersionName>> {
+/// The versions named in a versions directory, oldest first. A missing directory has none.
+pub fn versions_in(dir: &Path, layout: VersionLayout) -> io::Result<Vec<VersionName>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e)
@@ -215,19 +228,26 @@ pub fn versions_in(dir: &Path) -> io::Result<Vec<VersionName>> {
     let mut out = Vec::new();
     for entry in entries {
         let name = entry?.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(id) = name.strip_suffix(META_SUFFIX) {
-            out.push(VersionName {
-                id: id.to_string(),
-                deleted: false,
-            });
-        } else if let Some(id) = name.strip_suffix(DELETE_SUFFIX) {
-            out.push(VersionName {
-                id: id.to_string(),
-                deleted: true,
-            });
+        if let Some(v) = name.to_str().and_then(|n| version_of(n, layout)) {
+            out.push(v);
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// The version a record file's name in a versions directory names (`None` for data files
+/// and for names that are no version's).
+pub fn version_of(name: &str, layout: VersionLayout) -> Option<VersionName> {
+    match layout.parse_file_name(name)? {
+        (id, META_SUFFIX) => Some(VersionName {
+            id: id.to_string(),
+            deleted: false,
+        }),
+        (id, DELETE_SUFFIX) => Some(VersionName {
+            id: id.to_string(),
+            deleted: true,
+        }),
+        _ => None,
+    }
 }

@@ -157,7 +157,11 @@ fn scrub_key(
         if let Some(entries) = listing {
             for entry in entries {
                 let name = entry?.file_name();
-                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(DATA_SUFFIX)) else {
+                let Some(id) = name
+                    .to_str()
+                    .and_then(|n| r.layout.parse_file_name(n))
+                    .and_then(|(id, suffix)| (suffix == DATA_SUFFIX).then_some(id))
+                else {
                     continue;
                 };
                 if !names.iter().any(|v| v.id == id && !v.deleted) {
