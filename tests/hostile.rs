@@ -202,6 +202,14 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         fs::write(&m_file, b).unwrap();
         // A plain file where a directory should be.
         fs::write(objects.join("plainfile"), b"not a directory").unwrap();
+        // In the flat layout, a directory where the newest version's record should be,
+        // and files whose names are close to a version's but are none (so not versions,
+        // and not keys either).
+        copy_tree(&good, &objects.join("dir-record"));
+        fs::create_dir(objects.join("dir-record/%ffffffffffffffff00000000.m")).unwrap();
+        for name in ["%zz.m", "%FFFF.m", "%1.q", "1.m"] {
+            fs::write(objects.join("other").join(name), b"planted").unwrap();
+        }
     }
 
     let m = s.mount();
@@ -225,6 +233,7 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         "bigmeta",
         "tiny-truncated",
         "tiny-altered",
+        "dir-record",
     ] {
         assert_eq!(seen(bad), Some(eio()), "{bad}: {w:?}");
     }
@@ -241,6 +250,7 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
         "tiny",
         "tiny-truncated",
         "tiny-altered",
+        "dir-record",
     ]
     .into();
     assert_eq!(
@@ -296,7 +306,7 @@ fn objects_planted_in_local_replicas_give_clean_errors_and_safe_listings() {
     assert!(!planted.is_empty());
 
     let log = m.unmount();
-    for name in ["random", "truncated", "swapped", "bigmeta"] {
+    for name in ["random", "truncated", "swapped", "bigmeta", "dir-record"] {
         assert!(
             log.lines().any(|l| l.contains(name) && l.contains("ERROR")),
             "the log does not name {name}:\n{log}"
