@@ -673,19 +673,20 @@ fn cold_listings_take_attributes_from_the_index_only_where_still_current() {
             }
         }
     }
-    // The listing, the index, and heads of the two files it does not cover: runs alone
-    // count 6 requests (2 lists, 1 get, 3 heads). One run of the full suite, under load,
-    // counted a fourth head, not identified (the likeliest is `d` looked up again by the
-    // kernel, whose entry for it lasts a second). Without the index it would be a head per
-    // file: over 40.
+    // Listings of the root and of `d`, the index, and heads of `d`'s marker and of the two
+    // files the index does not cover (f03, changed by the other client, and its new file):
+    // 6 requests. Once in four runs under load this counted a head of
+    // f07 too: its index entry was lost to a race between the index's listing and the
+    // touch's metadata copy (fixed at stop 30; vfs_faults has the race held in place).
+    // Without the index it would be a head per file: over 40.
     let log = m.log_text();
     assert!(
-        used <= 7,
+        used <= 6,
         "{used} requests for a directory of 41 files:\n{log}"
     );
     assert!(
         stat_in(&log, "list") - lists_before <= 2,
-        "one listing of the directory:\n{log}"
+        "the root and the directory are listed once each:\n{log}"
     );
     m.unmount();
 }

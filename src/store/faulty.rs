@@ -45,6 +45,9 @@ pub struct FaultPlan {
     /// The calls the hold applies to, by name (`"copy"`, `"delete"`, ...; a copy counts by
     /// its destination key); empty: every call.
     pub hold_only: Vec<&'static str>,
+    /// A held listing waits after the store has answered instead of before: its answer
+    /// then arrives late, showing the store as it was (only `list` holds this way).
+    pub hold_after: bool,
 }
 
 /// Counters of what the wrapper did.
@@ -98,24 +101,8 @@ impl FaultyStore {
                 || plan.fail_every.is_some_and(|e| n.is_multiple_of(e));
             (plan.delay, fail, plan.kind.unwrap_or(FaultKind::Transient))
         };
-        let mut counted = false;
-        loop {
-            let notified = self.released.notified();
-            let held = {
-                let plan = self.plan.lock();
-                plan.hold_prefix
-                    .as_deref()
-                    .is_some_and(|p| key.starts_with(p))
-                    && (plan.hold_only.is_empty() || plan.hold_only.contains(&call))
-            };
-            if !held {
-                break;
-            }
-            if !counted {
-                counted = true;
-                self.stats.held.fetch_add(1, Ordering::SeqCst);
-            }
-            notified.await;
+        if !(call == "list" && self.plan.lock().hold_after) {
+            self.hold(key, call).await;
         }
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
@@ -131,6 +118,29 @@ impl FaultyStore {
             });
         }
         Ok(())
+    }
+
+    /// Waits while the plan holds `call` on `key`.
+    async fn hold(&self, key: &str, call: &str) {
+        let mut counted = false;
+        loop {
+            let notified = self.released.notified();
+            let held = {
+                let plan = self.plan.lock();
+                plan.hold_prefix
+                    .as_deref()
+                    .is_some_and(|p| key.starts_with(p))
+                    && (plan.hold_only.is_empty() || plan.hold_only.contains(&call))
+            };
+            if !held {
+                return;
+            }
+            if !counted {
+                counted = true;
+                self.stats.held.fetch_add(1, Ordering::SeqCst);
+            }
+            notified.await;
+        }
     }
 
     fn maybe_corrupt(&self, mut result: GetResult) -> GetResult {
@@ -188,7 +198,11 @@ impl ObjectStore for FaultyStore {
 
     async fn list(&self, req: &ListRequest) -> StoreResult<ListPage> {
         self.before_call(&req.prefix, "list").await?;
-        self.inner.list(req).await
+        let page = self.inner.list(req).await;
+        if self.plan.lock().hold_after {
+            self.hold(&req.prefix, "list").await;
+        }
+        page
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

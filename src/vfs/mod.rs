@@ -892,6 +892,13 @@ impl Vfs {
         let mut index = AttrIndex::new(&prefix);
         {
             let mut t = self.table.lock();
+            if t.get(dir)?.index_stale_since.is_some() {
+                // Changed while the listing ran: written once it has been quiet again. The
+                // listing must not be kept as any inode's either: a file stored anew
+                // meanwhile would take its older time, and the next index would leave that
+                // file out as changed by another client (its next cold mount paid a head).
+                return Ok(());
+            }
             let Some(children) = t.get(dir)?.children.clone() else {
                 return Ok(());
             };
@@ -927,9 +934,9 @@ impl Vfs {
             }
         }
         if self.table.lock().get(dir)?.index_stale_since.is_some() {
-            // Changed while the listing ran: written once it has been quiet again. (A change
-            // that the listing shows but the inodes do not yet is not taken: its ETag or
-            // time differs, or its copy is in flight.)
+            // Changed since: written once it has been quiet again. (A change that the
+            // listing shows but the inodes do not yet is not taken: its ETag or time
+            // differs, or its copy is in flight.)
             return Ok(());
         }
         if index.entries.len() < attr_index::MIN_ENTRIES {
