@@ -349,6 +349,16 @@ fn golden_large() -> Vec<u8> {
         .collect()
 }
 
+/// The names in `dir`, sorted.
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Every file name under `dir`, recursively.
 fn file_names(dir: &Path, out: &mut Vec<String>) {
     for e in fs::read_dir(dir).unwrap() {
@@ -437,13 +447,8 @@ fn a_store_written_by_an_earlier_coffer_reads_writes_and_keeps_its_layout() {
         1_577_934_245
     );
     assert_eq!(fs::read(m.p("overwritten")).unwrap(), b"second");
-    let mut names: Vec<String> = fs::read_dir(&m.path)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        sorted_names(&m.path),
         [
             "deleted",
             "dir",
@@ -515,11 +520,7 @@ fn a_new_store_is_flat_and_says_so() {
     m.unmount();
     let objects = s.replica(0).join("objects");
     for (key, exts) in [("a", vec!["m"]), ("b", vec!["d", "m"])] {
-        let mut found: Vec<String> = fs::read_dir(objects.join(key))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        found.sort();
+        let found = sorted_names(&objects.join(key));
         assert_eq!(found.len(), exts.len(), "{found:?}");
         for (name, ext) in found.iter().zip(exts) {
             assert!(

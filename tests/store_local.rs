@@ -58,6 +58,18 @@ fn new_store(dir: &Path, n: usize, versioning: bool) -> (LocalStore, LocalStoreC
     (LocalStore::open(&cfg).unwrap(), cfg)
 }
 
+/// The names in a directory, sorted (none if it is missing).
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 fn version_files(root: &Path, key: &str, ext: &str) -> Vec<PathBuf> {
     let dir = root.join("objects").join(key);
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
@@ -129,24 +141,10 @@ async fn a_store_in_the_nested_layout_conforms_and_stays_nested() {
         for r in &cfg.replicas {
             let key_dir = |k: &str| r.join("objects/n").join(k);
             for k in ["small", "large", "copied"] {
-                let names: Vec<String> = fs::read_dir(key_dir(k))
-                    .map(|d| {
-                        d.map(|e| e.unwrap().file_name().into_string().unwrap())
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let names = names_in(&key_dir(k));
                 assert!(names.is_empty() || names == ["%v"], "{k}: {names:?}");
             }
-            let files = |k: &str| -> Vec<String> {
-                let mut v: Vec<String> = fs::read_dir(key_dir(k).join("%v"))
-                    .map(|d| {
-                        d.map(|e| e.unwrap().file_name().into_string().unwrap())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                v.sort();
-                v
-            };
+            let files = |k: &str| names_in(&key_dir(k).join("%v"));
             assert!(files("large").iter().all(|f| !f.starts_with('%')));
             assert_eq!(files("large").len(), if versioning { 4 } else { 2 });
             assert_eq!(files("copied").len(), 1, "{:?}", files("copied"));

@@ -47,10 +47,9 @@ impl KeyDir {
             let name = name.to_str();
             match layout {
                 VersionLayout::Flat => {
-                    if let Some(n) = name
-                        && layout.parse_file_name(n).is_some()
-                    {
-                        kd.flat_versions.extend(replica::version_of(n, layout));
+                    if let Some((id, suffix)) = name.and_then(|n| layout.parse_file_name(n)) {
+                        // A record names a version; a data file is skipped.
+                        kd.flat_versions.extend(replica::version_named(id, suffix));
                         continue;
                     }
                 }

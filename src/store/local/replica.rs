@@ -239,12 +239,19 @@ pub fn versions_in(dir: &Path, layout: VersionLayout) -> io::Result<Vec<VersionN
 /// The version a record file's name in a versions directory names (`None` for data files
 /// and for names that are no version's).
 pub fn version_of(name: &str, layout: VersionLayout) -> Option<VersionName> {
-    match layout.parse_file_name(name)? {
-        (id, META_SUFFIX) => Some(VersionName {
+    let (id, suffix) = layout.parse_file_name(name)?;
+    version_named(id, suffix)
+}
+
+/// The version of a parsed version file name (see [`VersionLayout::parse_file_name`]):
+/// `None` for a data file.
+pub fn version_named(id: &str, suffix: &str) -> Option<VersionName> {
+    match suffix {
+        META_SUFFIX => Some(VersionName {
             id: id.to_string(),
             deleted: false,
         }),
-        (id, DELETE_SUFFIX) => Some(VersionName {
+        DELETE_SUFFIX => Some(VersionName {
             id: id.to_string(),
             deleted: true,
         }),
