@@ -25,8 +25,12 @@ pub const WRITE_BUFFERS_KEPT: usize = 4;
 /// CPU); four cost 12 % less CPU per GiB at the same peak RSS (66 MiB on S3, 55-64 local).
 pub const PART_BUFFERS_KEPT: usize = 4;
 
-/// Capacity of the pooled part buffers: a base part and one more FUSE write.
-pub const PART_BUFFER_BYTES: usize = BASE_PART as usize + (1 << 20);
+/// Room for a chunk beyond a base part: a part's stored bytes are cut inside a chunk, whose
+/// plaintext both parts then hold (see [`super::upload::part_stored`]).
+const STRADDLE: usize = 128 << 10;
+
+/// Capacity of the pooled part buffers: a base part's plaintext and one more FUSE write.
+pub const PART_BUFFER_BYTES: usize = BASE_PART as usize + STRADDLE + (1 << 20);
 
 /// Buffers of FUSE write requests (1 MiB, the mount's `max_write`).
 pub static WRITE_BUFFERS: BufferPool = BufferPool::new(1 << 20, WRITE_BUFFERS_KEPT);
@@ -39,8 +43,11 @@ pub static READ_BUFFERS: BufferPool = BufferPool::new(1 << 20, WRITE_BUFFERS_KEP
 pub static PART_BUFFERS: BufferPool = BufferPool::new(PART_BUFFER_BYTES, PART_BUFFERS_KEPT);
 
 /// Sealed parts' buffers, given back once the store has a part.
-pub static SEALED_BUFFERS: BufferPool =
-    BufferPool::new(BASE_PART as usize + (64 << 10), PART_BUFFERS_KEPT);
+pub static SEALED_BUFFERS: BufferPool = BufferPool::new(SEALED_BUFFER_BYTES, PART_BUFFERS_KEPT);
+
+/// Capacity of the sealed parts' buffers: a base part, and the chunk sealed whole at its end
+/// before the part is cut.
+pub const SEALED_BUFFER_BYTES: usize = BASE_PART as usize + STRADDLE;
 
 /// Every pool, largest buffers first (freed first when room is needed).
 static POOLS: [&BufferPool; 5] = [

@@ -37,6 +37,9 @@ pub struct MemoryStore {
     versioning: bool,
     next_version: Arc<AtomicU64>,
     limits: StoreLimits,
+    /// The part sizes of each completed multipart upload, by key (tests check how callers
+    /// cut their parts).
+    parts: Arc<Mutex<BTreeMap<String, Vec<u64>>>>,
 }
 
 impl MemoryStore {
@@ -45,6 +48,7 @@ impl MemoryStore {
             objects: Default::default(),
             versioning,
             next_version: Arc::new(AtomicU64::new(1)),
+            parts: Default::default(),
             limits: StoreLimits {
                 min_part_size: 1,
                 listing_has_metadata: true,
@@ -59,6 +63,11 @@ impl MemoryStore {
             limits,
             ..MemoryStore::new(versioning)
         }
+    }
+
+    /// The part sizes of the last multipart upload completed for `key`.
+    pub fn upload_parts(&self, key: &str) -> Option<Vec<u64>> {
+        self.parts.lock().get(key).cloned()
     }
 
     /// Overwrites the stored bytes of the latest version (tests plant corruption with it).
@@ -181,6 +190,7 @@ impl ObjectStore for MemoryStore {
             key: key.to_string(),
             opts: opts.clone(),
             buf: BytesMut::new(),
+            sizes: Vec::new(),
             last_part_small: false,
             min_part: self.limits.min_part_size,
         }))
@@ -311,6 +321,7 @@ struct MemoryUpload {
     key: String,
     opts: PutOptions,
     buf: BytesMut,
+    sizes: Vec<u64>,
     last_part_small: bool,
     min_part: u64,
 }
@@ -325,13 +336,17 @@ impl Upload for MemoryUpload {
             ));
         }
         self.last_part_small = (part.len() as u64) < self.min_part;
+        self.sizes.push(part.len() as u64);
         self.buf.extend_from_slice(&part);
         Ok(())
     }
 
     async fn complete(self: Box<Self>) -> StoreResult<ObjectInfo> {
         let body = self.buf.clone().freeze();
-        self.store.insert(&self.key, body, &self.opts)
+        let info = self.store.insert(&self.key, body, &self.opts)?;
+        let sizes = self.sizes.clone();
+        self.store.parts.lock().insert(self.key.clone(), sizes);
+        Ok(info)
     }
 
     async fn abort(self: Box<Self>) -> StoreResult<()> {
