@@ -469,3 +469,147 @@ async fn an_index_listing_older_than_a_metadata_copy_is_not_kept() {
         "a listing and the index, and no head (the index covers every file)"
     );
 }
+
+/// A sequential read of a large encrypted file: the read-ahead's gets start and end on the
+/// 8 MiB boundaries of the stored object (where an S3 server's blocks begin, since the
+/// writer cuts its parts at whole MiB), the chunks cut by those boundaries are put together
+/// from the two gets beside them, and no stored byte is fetched twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sequential_read_gets_aligned_segments_and_no_byte_twice() {
+    const SEG: u64 = 8 << 20;
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    let data: Vec<u8> = (0..(40 << 20) + 12_345)
+        .map(|i: usize| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    let v = common::test_vfs_with_cache(
+        Arc::new(faulty.clone()),
+        staging.path(),
+        "",
+        16,
+        1,
+        256 << 20,
+    );
+    write_file(&v, "big", &data).await.unwrap();
+    let stored_size = 56 + data.len() as u64 + data.len().div_ceil(1 << 16) as u64 * 16;
+
+    let v = common::test_vfs_with_cache(
+        Arc::new(faulty.clone()),
+        staging.path(),
+        "",
+        16,
+        1,
+        256 << 20,
+    );
+    let before = faulty.stats().gets.lock().len();
+    let e = v.lookup(ROOT, "big").await.unwrap();
+    let fh = v.open(e.ino, false).await.unwrap();
+    let mut got = Vec::with_capacity(data.len());
+    while got.len() < data.len() {
+        let piece = v.read(e.ino, got.len() as u64, 1 << 20).await.unwrap();
+        assert!(!piece.is_empty());
+        got.extend_from_slice(&piece);
+        // A reader slower than the store: the read-ahead stays ahead of it.
+        tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+    }
+    v.release(e.ino, fh).await.unwrap();
+    assert!(got == data, "content differs");
+
+    let gets = faulty.stats().gets.lock()[before..].to_vec();
+    let header = gets
+        .iter()
+        .position(|(_, r)| r == &Some(0..56))
+        .expect("the open reads the header");
+    let key = gets[header].0.clone();
+    let mut ranges: Vec<_> = gets[header + 1..]
+        .iter()
+        .filter(|(k, _)| *k == key)
+        .map(|(_, r)| r.clone().expect("ranged gets"))
+        .collect();
+    ranges.sort_by_key(|r| r.start);
+    // Together the gets cover the object once: no gap, no byte twice.
+    let mut at = 56;
+    for r in &ranges {
+        assert_eq!(r.start, at, "gets {ranges:?}");
+        at = r.end;
+    }
+    assert_eq!(at, stored_size, "gets {ranges:?}");
+    // Only the first read's own get and the read-ahead's first start off a boundary, and
+    // only the first read's ends off one (or at the object's end).
+    let starts_off = ranges.iter().filter(|r| r.start % SEG != 0).count();
+    let ends_off = ranges
+        .iter()
+        .filter(|r| r.end % SEG != 0 && r.end != stored_size)
+        .count();
+    assert!(starts_off <= 2 && ends_off <= 1, "gets {ranges:?}");
+    assert!(ranges.len() >= 6, "gets {ranges:?}");
+}
+
+/// A chunk put together from two read-ahead gets is checked like any other: one tampered
+/// byte in it fails the reads of that chunk with EIO, and the chunks around it still read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_chunk_across_a_segment_boundary_fails_alone() {
+    let staging = tempfile::tempdir().unwrap();
+    let memory = MemoryStore::new(false);
+    let faulty = FaultyStore::new(Arc::new(memory.clone()));
+    let data: Vec<u8> = (0..20 << 20).map(|i: usize| (i % 249) as u8).collect();
+    let v = common::test_vfs_with_cache(
+        Arc::new(faulty.clone()),
+        staging.path(),
+        "",
+        16,
+        1,
+        256 << 20,
+    );
+    write_file(&v, "big", &data).await.unwrap();
+    let key = {
+        let gets = faulty.stats().gets.lock().len();
+        let v = common::test_vfs_with_cache(
+            Arc::new(faulty.clone()),
+            staging.path(),
+            "",
+            16,
+            1,
+            256 << 20,
+        );
+        read_file(&v, "big").await.unwrap();
+        faulty.stats().gets.lock()[gets].0.clone()
+    };
+    // Chunk 127 (stored at 56 + 127 * 65,552) is cut by the 8 MiB boundary: its tag lies
+    // after it, its first bytes before.
+    let chunk = 65_552;
+    let straddler = 56 + 127 * chunk;
+    assert!(straddler < 8 << 20 && straddler + chunk > 8 << 20);
+    assert!(memory.tamper(&key, |b| b[straddler + 10] ^= 1));
+
+    let v = common::test_vfs_with_cache(
+        Arc::new(faulty.clone()),
+        staging.path(),
+        "",
+        16,
+        1,
+        256 << 20,
+    );
+    let e = v.lookup(ROOT, "big").await.unwrap();
+    let fh = v.open(e.ino, false).await.unwrap();
+    let mut bad = Vec::new();
+    for mib in 0..20u64 {
+        match v.read(e.ino, mib << 20, 1 << 20).await {
+            Ok(piece) => {
+                assert!(piece[..] == data[(mib << 20) as usize..((mib + 1) << 20) as usize])
+            }
+            Err(err) => {
+                assert_eq!(err.errno(), libc::EIO);
+                bad.push(mib);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(bad, vec![7], "only the MiB holding chunk 127 fails");
+    // Each later read of it fails again; the chunk after it reads.
+    let err = v.read(e.ino, 127 << 16, 100).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    let after = v.read(e.ino, 128 << 16, 100).await.unwrap();
+    assert!(after[..] == data[128 << 16..(128 << 16) + 100]);
+    v.release(e.ino, fh).await.unwrap();
+}

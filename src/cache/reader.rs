@@ -40,7 +40,21 @@ pub struct CommittedObject {
     /// Chunks being fetched, each with a receiver that turns true (or closes) when its
     /// fetch ends: a read needing them waits instead of fetching them twice.
     inflight: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+    /// Halves of chunks that straddle a read-ahead segment's edge, each from the get of one
+    /// side, waiting for the other (see [`Self::prefetch`]).
+    halves: Mutex<HashMap<u64, Half>>,
 }
+
+/// One side of a chunk cut by a segment boundary.
+struct Half {
+    /// Whether these are the chunk's first bytes (from the segment before the boundary).
+    left: bool,
+    bytes: Vec<u8>,
+}
+
+/// Halves kept per object at most: a read-ahead leaves at most one waiting at each end of
+/// what it fetched; more are from seeks, and dropping them costs only a get of the chunk.
+const HALVES_KEPT: usize = 16;
 
 /// Ends a claim on in-flight chunks however the fetch ends (done, failed or cancelled).
 struct InFlightGuard<'a> {
@@ -114,6 +128,7 @@ impl CommittedObject {
             cipher: Arc::new(cipher),
             get,
             inflight: Mutex::new(HashMap::new()),
+            halves: Mutex::new(HashMap::new()),
         };
         if whole.is_some() && body.len() as u64 == info.size && info.size > header_len {
             // A chunk that fails here fails again, with its error, when it is read; the
@@ -161,10 +176,13 @@ impl CommittedObject {
     /// Claims the chunks of `chunks` that are neither cached nor being fetched, as runs of at
     /// most [`SEGMENT_BYTES`] of ciphertext each. Returns what the cache has (by position in
     /// `chunks`), the claims, and a receiver per chunk another fetch is bringing in.
+    /// `aligned` (read-ahead): runs lie inside one aligned segment each, and the chunks cut
+    /// by a segment boundary are left to [`Self::fetch_aligned`]'s halves.
     fn claim(
         &self,
         cache: &ChunkCache,
         chunks: Range<u64>,
+        aligned: bool,
     ) -> (
         Vec<Option<Bytes>>,
         Vec<InFlightGuard<'_>>,
@@ -179,6 +197,7 @@ impl CommittedObject {
         let mut theirs: Vec<watch::Receiver<bool>> = Vec::new();
         let mut inflight = self.inflight.lock();
         let seg_chunks = (SEGMENT_BYTES / g.chunk).max(1);
+        let segment = |i: u64| g.stored_range(i..i + 1, self.plain_size).start / SEGMENT_BYTES;
         for (j, i) in chunks.enumerate() {
             if cached[j].is_some() {
                 continue;
@@ -187,8 +206,23 @@ impl CommittedObject {
                 theirs.push(rx.clone());
                 continue;
             }
+            if self.straddles(i) {
+                if aligned {
+                    continue;
+                }
+                // A read-ahead get of a neighbouring segment brings a half of it: wait for
+                // that rather than get the chunk again.
+                let neighbour = [i.wrapping_sub(1), i + 1]
+                    .iter()
+                    .find_map(|n| inflight.get(n).cloned());
+                if let Some(rx) = neighbour {
+                    theirs.push(rx);
+                    continue;
+                }
+            }
             match ours.last_mut() {
-                Some(r) if r.end == i && r.end - r.start < seg_chunks => r.end += 1,
+                Some(r) if aligned && r.end == i && segment(r.start) == segment(i) => r.end += 1,
+                Some(r) if !aligned && r.end == i && r.end - r.start < seg_chunks => r.end += 1,
                 _ => ours.push(i..i + 1),
             }
         }
@@ -226,7 +260,7 @@ impl CommittedObject {
         chunks: Range<u64>,
     ) -> FsResult<Vec<Bytes>> {
         let chunks = self.clamp(chunks);
-        let (mut out, guards, theirs) = self.claim(cache, chunks.clone());
+        let (mut out, guards, theirs) = self.claim(cache, chunks.clone(), false);
         // Fetch ours, a few segments at a time.
         // Each claim ends with its own get, so a reader waiting on the first segment of a
         // long read-ahead goes on as soon as that segment is in.
@@ -273,6 +307,9 @@ impl CommittedObject {
     /// bytes from `budget`, and the read-ahead stops where the budget is spent: the chunks
     /// not fetched are fetched by the read that needs them. Errors end it quietly, since the
     /// read reports its own.
+    ///
+    /// Its gets are aligned segments of the stored object ([`Self::fetch_aligned`]), which
+    /// `chunks` should cover whole (see [`Self::aligned_end`]).
     pub async fn prefetch(
         &self,
         store: &dyn ObjectStore,
@@ -280,23 +317,21 @@ impl CommittedObject {
         chunks: Range<u64>,
         budget: Option<&MemoryBudget>,
     ) {
-        let (_, guards, _) = self.claim(cache, self.clamp(chunks));
-        let g = self.cipher.geometry();
+        let (_, guards, _) = self.claim(cache, self.clamp(chunks), true);
         // Each reservation is taken as its get starts, so at most SEGMENTS_IN_FLIGHT are
         // held; the first refused ends the stream, and with it the claims not started.
         let fetches: Vec<_> = guards
             .into_iter()
             .map(|guard| async move {
-                let bytes = g.stored_range(guard.run.clone(), self.plain_size);
+                let bytes = self.aligned_range(guard.run.clone());
                 let _reservation = match budget {
                     Some(b) => b
                         .try_reserve((bytes.end - bytes.start) as usize)
                         .ok_or(())?,
                     None => Reservation::none(),
                 };
-                self.fetch_run(store, cache, guard.run.clone())
+                self.fetch_aligned(store, cache, guard.run.clone())
                     .await
-                    .map(drop)
                     .map_err(drop)
             })
             .collect();
@@ -304,6 +339,138 @@ impl CommittedObject {
             .buffer_unordered(SEGMENTS_IN_FLIGHT)
             .try_for_each(|()| async { Ok(()) })
             .await;
+    }
+
+    /// The end of `chunks` moved on to the end of the aligned segment it ends in, so that a
+    /// read-ahead window gets whole segments: one that ended inside a segment would make
+    /// the next window's first get start inside a block of the server's.
+    pub fn aligned_end(&self, chunks: Range<u64>) -> u64 {
+        let chunks = self.clamp(chunks);
+        if chunks.is_empty() {
+            return chunks.end;
+        }
+        let g = self.cipher.geometry();
+        let last = g.stored_range(chunks.end - 1..chunks.end, self.plain_size);
+        let boundary = (last.start / SEGMENT_BYTES + 1) * SEGMENT_BYTES;
+        // The first chunk that does not end inside the segment (a straddler, or the next
+        // segment's first), at most the object's end.
+        let count = g.chunk_count(self.plain_size);
+        let stored_chunk = g.stored_chunk();
+        let whole = boundary.saturating_sub(g.header_len()) / stored_chunk;
+        whole.clamp(chunks.end, count)
+    }
+
+    /// Whether chunk `i`'s stored bytes are cut by a segment boundary.
+    fn straddles(&self, i: u64) -> bool {
+        let r = self
+            .cipher
+            .geometry()
+            .stored_range(i..i + 1, self.plain_size);
+        r.start / SEGMENT_BYTES != (r.end - 1) / SEGMENT_BYTES
+    }
+
+    /// The stored bytes a read-ahead get of `run` (whole chunks inside one segment) asks
+    /// for: the run's own, reaching out to the segment's edges where the run does, so that
+    /// the halves of the chunks cut there come along.
+    fn aligned_range(&self, run: Range<u64>) -> Range<u64> {
+        let g = self.cipher.geometry();
+        let own = g.stored_range(run.clone(), self.plain_size);
+        let start = if run.start > 0 && self.straddles(run.start - 1) {
+            own.start / SEGMENT_BYTES * SEGMENT_BYTES
+        } else {
+            own.start
+        };
+        let end = if run.end < g.chunk_count(self.plain_size) && self.straddles(run.end) {
+            (own.end / SEGMENT_BYTES + 1) * SEGMENT_BYTES
+        } else {
+            own.end
+        };
+        start..end
+    }
+
+    /// One read-ahead get of `run` and the halves of the chunks cut at its segment's edges:
+    /// `run`'s chunks are opened and cached, each half waits for its other half (from the
+    /// neighbouring segment's get), and a chunk whose halves are both in is opened too.
+    ///
+    /// Why aligned: S3 servers store objects in blocks (Garage: 1 MiB, from the start of
+    /// each part, which the writer cuts at whole MiB, see [`crate::cache::upload`]) and
+    /// read whole blocks for any range. Gets cut at chunk boundaries each started and ended
+    /// inside a block, which the server then read, checked and decompressed for both gets.
+    async fn fetch_aligned(
+        &self,
+        store: &dyn ObjectStore,
+        cache: &ChunkCache,
+        run: Range<u64>,
+    ) -> FsResult<()> {
+        let g = self.cipher.geometry();
+        let own = g.stored_range(run.clone(), self.plain_size);
+        let range = self.aligned_range(run.clone());
+        let got = store.get(&self.key, Some(range.clone()), &self.get).await?;
+        if got.range != range {
+            return Err(FsError::Crypt(crate::crypt::CryptError::BadSize(
+                got.info.size,
+            )));
+        }
+        let lead = (own.start - range.start) as usize;
+        let tail = (range.end - own.end) as usize;
+        let body = got.body;
+        if lead > 0 {
+            self.half_arrived(cache, run.start - 1, false, &body[..lead]);
+        }
+        if tail > 0 {
+            self.half_arrived(cache, run.end, true, &body[body.len() - tail..]);
+        }
+        // The halves are copied out: the run's own bytes are then the buffer's only holder,
+        // and are opened where they lie.
+        let own_bytes = body.slice(lead..body.len() - tail);
+        drop(body);
+        self.open_into_cache(cache, run, own_bytes).await.map(drop)
+    }
+
+    /// Keeps one half of straddling chunk `i`; with both in, opens the chunk into `cache`.
+    /// A chunk that fails to open is left out: the read that needs it fetches it and
+    /// reports the error.
+    fn half_arrived(&self, cache: &ChunkCache, i: u64, left: bool, bytes: &[u8]) {
+        let key = (self.cache_id, i);
+        if cache.get(&key).is_some() {
+            return;
+        }
+        let stored = {
+            let mut halves = self.halves.lock();
+            match halves.remove(&i) {
+                Some(other) if other.left != left => {
+                    let (first, second) = if left {
+                        (bytes, &other.bytes[..])
+                    } else {
+                        (&other.bytes[..], bytes)
+                    };
+                    [first, second].concat()
+                }
+                _ => {
+                    if halves.len() >= HALVES_KEPT {
+                        halves.clear();
+                    }
+                    halves.insert(
+                        i,
+                        Half {
+                            left,
+                            bytes: bytes.to_vec(),
+                        },
+                    );
+                    return;
+                }
+            }
+        };
+        // One chunk: opened here, where a hand-off to the blocking pool would cost more.
+        match self
+            .cipher
+            .open_shared(i..i + 1, self.plain_size, Bytes::from(stored))
+        {
+            Ok((opened, held)) => {
+                cache.insert_from_buffer(held, opened.into_iter().map(|d| (key, d)));
+            }
+            Err(e) => tracing::debug!("{}: chunk {i} from two gets: {e}", self.key),
+        }
     }
 
     /// One ranged get of the chunks `run`, opened and put in the cache.

@@ -58,6 +58,8 @@ pub struct FaultStats {
     pub corrupted: AtomicU64,
     /// Calls that have waited on a hold.
     pub held: AtomicU64,
+    /// The byte range of every get, in the order they were made (None: the whole object).
+    pub gets: Mutex<Vec<(String, Option<Range<u64>>)>>,
 }
 
 #[derive(Clone)]
@@ -187,6 +189,10 @@ impl ObjectStore for FaultyStore {
         opts: &GetOptions,
     ) -> StoreResult<GetResult> {
         self.before_call(key, "get").await?;
+        self.stats
+            .gets
+            .lock()
+            .push((key.to_string(), range.clone()));
         let r = self.inner.get(key, range, opts).await?;
         Ok(self.maybe_corrupt(r))
     }

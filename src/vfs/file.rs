@@ -71,7 +71,7 @@ const READ_AHEAD_START: u64 = 1 << 20;
 /// Most read-ahead per sequential reader, and at most this share of the chunk cache (the
 /// read-ahead lands there, and a window larger than its share would be evicted before it
 /// is read when several readers stream at once).
-const READ_AHEAD_MAX: u64 = 32 << 20;
+const READ_AHEAD_MAX: u64 = 48 << 20;
 const READ_AHEAD_CACHE_SHARE: u64 = 4;
 /// A stream not starting at 0 gets read-ahead once it has read this much in order, so random
 /// reads of a few hundred KiB (which the kernel splits into several requests) fetch nothing
@@ -80,7 +80,8 @@ const READ_AHEAD_AFTER: u64 = 512 << 10;
 /// Sequential streams tracked per file.
 const MAX_STREAMS: usize = 8;
 /// Prefetches in flight per stream.
-const PREFETCHES_PER_STREAM: usize = 2;
+const PREFETCHES_PER_STREAM: usize = 6;
+const REFILL_AT: u64 = 4;
 
 /// What is left of a read once the file is released.
 pub enum ReadPlan {
@@ -267,7 +268,9 @@ impl FileData {
         }
         s.tasks.retain(|t| !t.is_finished());
         let ahead = s.fetched_to.saturating_sub(end);
-        if ahead >= s.window / 2 && s.window > 0 || s.tasks.len() >= PREFETCHES_PER_STREAM {
+        if ahead >= s.window - s.window / REFILL_AT && s.window > 0
+            || s.tasks.len() >= PREFETCHES_PER_STREAM
+        {
             return;
         }
         let most = READ_AHEAD_MAX.min(ctx.cache.capacity() as u64 / READ_AHEAD_CACHE_SHARE);
@@ -277,8 +280,15 @@ impl FileData {
         if from >= to {
             return;
         }
-        s.fetched_to = to;
-        let chunks = obj.cipher.geometry().chunks_of(from..to, obj.plain_size);
+        let g = obj.cipher.geometry();
+        let chunks = g.chunks_of(from..to, obj.plain_size);
+        // Whole segments of the stored object (see CommittedObject::prefetch).
+        let chunks = chunks.start..obj.aligned_end(chunks);
+        s.fetched_to = (chunks.end * g.chunk).min(obj.plain_size).max(to);
+        // The window is what was asked for: the next refill then starts when half of it is
+        // left, in time for the get of the segment after it (whose first bytes complete
+        // this window's last chunk).
+        s.window = s.window.max(s.fetched_to - from);
         let (obj, store, cache) = (obj.clone(), ctx.store.clone(), ctx.cache.clone());
         let budget = ctx.budget.clone();
         s.tasks.push(tokio::spawn(async move {

@@ -372,6 +372,18 @@ pub fn test_vfs(
     chunk_shift: u8,
     key_byte: u8,
 ) -> std::sync::Arc<coffer::vfs::Vfs> {
+    test_vfs_with_cache(store, staging, prefix, chunk_shift, key_byte, 1 << 20)
+}
+
+/// [`test_vfs`] with a chunk cache of `cache_bytes`.
+pub fn test_vfs_with_cache(
+    store: std::sync::Arc<dyn coffer::store::ObjectStore>,
+    staging: &Path,
+    prefix: &str,
+    chunk_shift: u8,
+    key_byte: u8,
+    cache_bytes: usize,
+) -> std::sync::Arc<coffer::vfs::Vfs> {
     use coffer::crypt::keys::{KeyRing, RootKey};
     use coffer::crypt::{Crypt, Mode};
     use coffer::vfs::{Defaults, Vfs, VfsConfig};
@@ -388,7 +400,7 @@ pub fn test_vfs(
                 file_perm: 0o644,
                 dir_perm: 0o755,
             },
-            cache_bytes: 1 << 20,
+            cache_bytes,
             staging_dir: staging.to_path_buf(),
             sse: Default::default(),
             read_only: false,
