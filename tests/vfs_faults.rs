@@ -613,3 +613,53 @@ async fn a_tampered_chunk_across_a_segment_boundary_fails_alone() {
     assert!(after[..] == data[128 << 16..(128 << 16) + 100]);
     v.release(e.ino, fh).await.unwrap();
 }
+
+/// A read-ahead get that fails costs the reader only its own gets of those chunks (the
+/// chunk whose other half never came included): a sequential read still returns every byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_read_ahead_gets_leave_the_reads_whole() {
+    use std::sync::atomic::Ordering;
+    let staging = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(MemoryStore::new(false)));
+    let data: Vec<u8> = (0..(30 << 20) + 777)
+        .map(|i: usize| (i % 241) as u8 ^ (i >> 17) as u8)
+        .collect();
+    let vfs = |faulty: &FaultyStore| {
+        common::test_vfs_with_cache(
+            Arc::new(faulty.clone()),
+            staging.path(),
+            "",
+            16,
+            1,
+            256 << 20,
+        )
+    };
+    write_file(&vfs(&faulty), "big", &data).await.unwrap();
+
+    let v = vfs(&faulty);
+    let e = v.lookup(ROOT, "big").await.unwrap();
+    let fh = v.open(e.ino, false).await.unwrap();
+    // The read-ahead's get of the second segment fails (only aligned gets start there).
+    faulty.set_plan(FaultPlan {
+        fail_gets_at: vec![8 << 20],
+        ..Default::default()
+    });
+    let mut got = Vec::with_capacity(data.len());
+    while got.len() < data.len() {
+        let piece = v.read(e.ino, got.len() as u64, 1 << 20).await.unwrap();
+        got.extend_from_slice(&piece);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    v.release(e.ino, fh).await.unwrap();
+    assert!(got == data, "content differs");
+    assert_eq!(faulty.stats().failed.load(Ordering::SeqCst), 1);
+    // The reads fetched that segment's chunks themselves, the chunk cut at 8 MiB included.
+    let gets = faulty.stats().gets.lock().clone();
+    let straddler = 56 + 127 * 65_552;
+    assert!(
+        gets.iter()
+            .filter_map(|(_, r)| r.clone())
+            .any(|r| r.start <= straddler && r.end >= straddler + 65_552),
+        "gets {gets:?}"
+    );
+}

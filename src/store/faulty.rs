@@ -48,6 +48,8 @@ pub struct FaultPlan {
     /// A held listing waits after the store has answered instead of before: its answer
     /// then arrives late, showing the store as it was (only `list` holds this way).
     pub hold_after: bool,
+    /// Fail every get whose range starts at one of these offsets.
+    pub fail_gets_at: Vec<u64>,
 }
 
 /// Counters of what the wrapper did.
@@ -189,6 +191,15 @@ impl ObjectStore for FaultyStore {
         opts: &GetOptions,
     ) -> StoreResult<GetResult> {
         self.before_call(key, "get").await?;
+        if let Some(r) = &range
+            && self.plan.lock().fail_gets_at.contains(&r.start)
+        {
+            self.stats.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable {
+                key: key.to_string(),
+                detail: format!("injected fault on the get from {}", r.start),
+            });
+        }
         self.stats
             .gets
             .lock()
