@@ -470,6 +470,29 @@ async fn an_index_listing_older_than_a_metadata_copy_is_not_kept() {
     );
 }
 
+/// A vfs over `faulty` with 64 KiB chunks and a 256 MiB chunk cache, room for read-ahead.
+fn big_vfs(faulty: &FaultyStore, staging: &std::path::Path) -> Arc<Vfs> {
+    common::test_vfs_with_cache(Arc::new(faulty.clone()), staging, "", 16, 1, 256 << 20)
+}
+
+/// `name` read in 1 MiB reads, each after a pause: a reader slower than the store, so that
+/// the read-ahead stays ahead of it.
+async fn read_slowly(v: &Vfs, name: &str, pause_ms: u64) -> Vec<u8> {
+    let e = v.lookup(ROOT, name).await.unwrap();
+    let fh = v.open(e.ino, false).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let piece = v.read(e.ino, got.len() as u64, 1 << 20).await.unwrap();
+        if piece.is_empty() {
+            break;
+        }
+        got.extend_from_slice(&piece);
+        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+    }
+    v.release(e.ino, fh).await.unwrap();
+    got
+}
+
 /// A sequential read of a large encrypted file: the read-ahead's gets start and end on the
 /// 8 MiB boundaries of the stored object (where an S3 server's blocks begin, since the
 /// writer cuts its parts at whole MiB), the chunks cut by those boundaries are put together
@@ -482,37 +505,13 @@ async fn a_sequential_read_gets_aligned_segments_and_no_byte_twice() {
     let data: Vec<u8> = (0..(40 << 20) + 12_345)
         .map(|i: usize| (i % 251) as u8 ^ (i >> 16) as u8)
         .collect();
-    let v = common::test_vfs_with_cache(
-        Arc::new(faulty.clone()),
-        staging.path(),
-        "",
-        16,
-        1,
-        256 << 20,
-    );
+    let v = big_vfs(&faulty, staging.path());
     write_file(&v, "big", &data).await.unwrap();
     let stored_size = 56 + data.len() as u64 + data.len().div_ceil(1 << 16) as u64 * 16;
 
-    let v = common::test_vfs_with_cache(
-        Arc::new(faulty.clone()),
-        staging.path(),
-        "",
-        16,
-        1,
-        256 << 20,
-    );
+    let v = big_vfs(&faulty, staging.path());
     let before = faulty.stats().gets.lock().len();
-    let e = v.lookup(ROOT, "big").await.unwrap();
-    let fh = v.open(e.ino, false).await.unwrap();
-    let mut got = Vec::with_capacity(data.len());
-    while got.len() < data.len() {
-        let piece = v.read(e.ino, got.len() as u64, 1 << 20).await.unwrap();
-        assert!(!piece.is_empty());
-        got.extend_from_slice(&piece);
-        // A reader slower than the store: the read-ahead stays ahead of it.
-        tokio::time::sleep(std::time::Duration::from_millis(15)).await;
-    }
-    v.release(e.ino, fh).await.unwrap();
+    let got = read_slowly(&v, "big", 15).await;
     assert!(got == data, "content differs");
 
     let gets = faulty.stats().gets.lock()[before..].to_vec();
@@ -553,25 +552,11 @@ async fn a_tampered_chunk_across_a_segment_boundary_fails_alone() {
     let memory = MemoryStore::new(false);
     let faulty = FaultyStore::new(Arc::new(memory.clone()));
     let data: Vec<u8> = (0..20 << 20).map(|i: usize| (i % 249) as u8).collect();
-    let v = common::test_vfs_with_cache(
-        Arc::new(faulty.clone()),
-        staging.path(),
-        "",
-        16,
-        1,
-        256 << 20,
-    );
+    let v = big_vfs(&faulty, staging.path());
     write_file(&v, "big", &data).await.unwrap();
     let key = {
         let gets = faulty.stats().gets.lock().len();
-        let v = common::test_vfs_with_cache(
-            Arc::new(faulty.clone()),
-            staging.path(),
-            "",
-            16,
-            1,
-            256 << 20,
-        );
+        let v = big_vfs(&faulty, staging.path());
         read_file(&v, "big").await.unwrap();
         faulty.stats().gets.lock()[gets].0.clone()
     };
@@ -582,14 +567,7 @@ async fn a_tampered_chunk_across_a_segment_boundary_fails_alone() {
     assert!(straddler < 8 << 20 && straddler + chunk > 8 << 20);
     assert!(memory.tamper(&key, |b| b[straddler + 10] ^= 1));
 
-    let v = common::test_vfs_with_cache(
-        Arc::new(faulty.clone()),
-        staging.path(),
-        "",
-        16,
-        1,
-        256 << 20,
-    );
+    let v = big_vfs(&faulty, staging.path());
     let e = v.lookup(ROOT, "big").await.unwrap();
     let fh = v.open(e.ino, false).await.unwrap();
     let mut bad = Vec::new();
@@ -624,33 +602,17 @@ async fn failed_read_ahead_gets_leave_the_reads_whole() {
     let data: Vec<u8> = (0..(30 << 20) + 777)
         .map(|i: usize| (i % 241) as u8 ^ (i >> 17) as u8)
         .collect();
-    let vfs = |faulty: &FaultyStore| {
-        common::test_vfs_with_cache(
-            Arc::new(faulty.clone()),
-            staging.path(),
-            "",
-            16,
-            1,
-            256 << 20,
-        )
-    };
-    write_file(&vfs(&faulty), "big", &data).await.unwrap();
+    write_file(&big_vfs(&faulty, staging.path()), "big", &data)
+        .await
+        .unwrap();
 
-    let v = vfs(&faulty);
-    let e = v.lookup(ROOT, "big").await.unwrap();
-    let fh = v.open(e.ino, false).await.unwrap();
+    let v = big_vfs(&faulty, staging.path());
     // The read-ahead's get of the second segment fails (only aligned gets start there).
     faulty.set_plan(FaultPlan {
         fail_gets_at: vec![8 << 20],
         ..Default::default()
     });
-    let mut got = Vec::with_capacity(data.len());
-    while got.len() < data.len() {
-        let piece = v.read(e.ino, got.len() as u64, 1 << 20).await.unwrap();
-        got.extend_from_slice(&piece);
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    v.release(e.ino, fh).await.unwrap();
+    let got = read_slowly(&v, "big", 10).await;
     assert!(got == data, "content differs");
     assert_eq!(faulty.stats().failed.load(Ordering::SeqCst), 1);
     // The reads fetched that segment's chunks themselves, the chunk cut at 8 MiB included.

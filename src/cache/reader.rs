@@ -405,15 +405,9 @@ impl CommittedObject {
         let g = self.cipher.geometry();
         let own = g.stored_range(run.clone(), self.plain_size);
         let range = self.aligned_range(run.clone());
-        let got = store.get(&self.key, Some(range.clone()), &self.get).await?;
-        if got.range != range {
-            return Err(FsError::Crypt(crate::crypt::CryptError::BadSize(
-                got.info.size,
-            )));
-        }
         let lead = (own.start - range.start) as usize;
         let tail = (range.end - own.end) as usize;
-        let body = got.body;
+        let body = self.get_range(store, range).await?;
         if lead > 0 {
             self.half_arrived(cache, run.start - 1, false, &body[..lead]);
         }
@@ -480,15 +474,23 @@ impl CommittedObject {
         cache: &ChunkCache,
         run: Range<u64>,
     ) -> FsResult<Vec<Bytes>> {
-        let g = self.cipher.geometry();
-        let range = g.stored_range(run.clone(), self.plain_size);
+        let range = self
+            .cipher
+            .geometry()
+            .stored_range(run.clone(), self.plain_size);
+        let body = self.get_range(store, range).await?;
+        self.open_into_cache(cache, run, body).await
+    }
+
+    /// Stored bytes `range` of this version, refused unless the store answered that range.
+    async fn get_range(&self, store: &dyn ObjectStore, range: Range<u64>) -> FsResult<Bytes> {
         let got = store.get(&self.key, Some(range.clone()), &self.get).await?;
         if got.range != range {
             return Err(FsError::Crypt(crate::crypt::CryptError::BadSize(
                 got.info.size,
             )));
         }
-        self.open_into_cache(cache, run, got.body).await
+        Ok(got.body)
     }
 
     /// Plaintext bytes `range` of the object.

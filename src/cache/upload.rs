@@ -213,11 +213,16 @@ impl StreamingWriter {
             self.held = b.reserve(2 * (self.part_size() + (1 << 20))).await;
         }
         self.gather(data);
-        while self.pending.len() > self.part_size() {
-            let size = self.part_size();
+        let g = self.cipher.geometry();
+        loop {
+            let plan = self.plan();
+            let size = plan.plaintext_len(g);
+            if self.pending.len() <= size {
+                break;
+            }
             // A last chunk that goes on into the next part is sealed by both.
-            let kept = if self.plan().last_straddles(self.cipher.geometry()) {
-                size - self.cipher.geometry().chunk as usize
+            let kept = if plan.last_straddles(g) {
+                size - g.chunk as usize
             } else {
                 size
             };

@@ -48,7 +48,7 @@ pub struct FaultPlan {
     /// A held listing waits after the store has answered instead of before: its answer
     /// then arrives late, showing the store as it was (only `list` holds this way).
     pub hold_after: bool,
-    /// Fail every get whose range starts at one of these offsets.
+    /// Fail every get whose range starts at one of these offsets (with `kind`).
     pub fail_gets_at: Vec<u64>,
 }
 
@@ -112,16 +112,20 @@ impl FaultyStore {
             tokio::time::sleep(d).await;
         }
         if fail {
-            self.stats.failed.fetch_add(1, Ordering::SeqCst);
-            let key = key.to_string();
-            let detail = format!("injected fault on call {n}");
-            return Err(match kind {
-                FaultKind::Transient => StoreError::Unavailable { key, detail },
-                FaultKind::NoSpace => StoreError::NoSpace { key, detail },
-                FaultKind::AccessDenied => StoreError::AccessDenied { key, detail },
-            });
+            return Err(self.injected(key, format!("injected fault on call {n}"), kind));
         }
         Ok(())
+    }
+
+    /// An injected failure of the plan's kind, counted.
+    fn injected(&self, key: &str, detail: String, kind: FaultKind) -> StoreError {
+        self.stats.failed.fetch_add(1, Ordering::SeqCst);
+        let key = key.to_string();
+        match kind {
+            FaultKind::Transient => StoreError::Unavailable { key, detail },
+            FaultKind::NoSpace => StoreError::NoSpace { key, detail },
+            FaultKind::AccessDenied => StoreError::AccessDenied { key, detail },
+        }
     }
 
     /// Waits while the plan holds `call` on `key`.
@@ -191,14 +195,16 @@ impl ObjectStore for FaultyStore {
         opts: &GetOptions,
     ) -> StoreResult<GetResult> {
         self.before_call(key, "get").await?;
-        if let Some(r) = &range
-            && self.plan.lock().fail_gets_at.contains(&r.start)
-        {
-            self.stats.failed.fetch_add(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable {
-                key: key.to_string(),
-                detail: format!("injected fault on the get from {}", r.start),
-            });
+        if let Some(r) = &range {
+            let (fail, kind) = {
+                let plan = self.plan.lock();
+                let kind = plan.kind.unwrap_or(FaultKind::Transient);
+                (plan.fail_gets_at.contains(&r.start), kind)
+            };
+            if fail {
+                let detail = format!("injected fault on the get from {}", r.start);
+                return Err(self.injected(key, detail, kind));
+            }
         }
         self.stats
             .gets

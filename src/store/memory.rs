@@ -344,8 +344,7 @@ impl Upload for MemoryUpload {
     async fn complete(self: Box<Self>) -> StoreResult<ObjectInfo> {
         let body = self.buf.clone().freeze();
         let info = self.store.insert(&self.key, body, &self.opts)?;
-        let sizes = self.sizes.clone();
-        self.store.parts.lock().insert(self.key.clone(), sizes);
+        self.store.parts.lock().insert(self.key, self.sizes);
         Ok(info)
     }
 

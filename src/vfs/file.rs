@@ -81,6 +81,8 @@ const READ_AHEAD_AFTER: u64 = 512 << 10;
 const MAX_STREAMS: usize = 8;
 /// Prefetches in flight per stream.
 const PREFETCHES_PER_STREAM: usize = 6;
+/// A stream's read-ahead asks for more once this share (1 / REFILL_AT) of its window has
+/// been read, so that gets stay in flight rather than coming in waves.
 const REFILL_AT: u64 = 4;
 
 /// What is left of a read once the file is released.
@@ -285,9 +287,9 @@ impl FileData {
         // Whole segments of the stored object (see CommittedObject::prefetch).
         let chunks = chunks.start..obj.aligned_end(chunks);
         s.fetched_to = (chunks.end * g.chunk).min(obj.plain_size).max(to);
-        // The window is what was asked for: the next refill then starts when half of it is
-        // left, in time for the get of the segment after it (whose first bytes complete
-        // this window's last chunk).
+        // The window is what was asked for: the next refill then starts when a quarter of
+        // it has been read, in time for the get of the segment after it (whose first bytes
+        // complete this window's last chunk).
         s.window = s.window.max(s.fetched_to - from);
         let (obj, store, cache) = (obj.clone(), ctx.store.clone(), ctx.cache.clone());
         let budget = ctx.budget.clone();
